@@ -1,0 +1,217 @@
+"""Writing a quantized model as a standard checkpoint folder, and reading one back.
+
+A checkpoint is: sharded safetensors (quantized Linears in the format's tensors, everything else
+16-bit), config.json with `quantization_config`, the format's own side file, tokenizer and
+generation config, plus any report files. It is written into a temporary sibling folder and
+renamed into place, so a reader never sees half an artifact.
+"""
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from service.errors import ArtifactError, SpecError
+
+from . import gptq_format
+from .grid import QuantizedWeight
+
+SHARD_BYTES = 2 * 2 ** 30
+INDEX = "model.safetensors.index.json"
+
+
+def storage_dtype(model) -> torch.dtype:
+    """The 16-bit dtype unquantized tensors are stored in: the source's own if 16-bit, else float16."""
+    d = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
+    if isinstance(d, str):
+        d = getattr(torch, d, None)
+    return d if d in (torch.float16, torch.bfloat16) else torch.float16
+
+
+def _tied_lm_head(model) -> str | None:
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    if out is not None and inp is not None and out.weight is inp.weight:
+        for name, mod in model.named_modules():
+            if mod is out:
+                return f"{name}.weight"
+    return None
+
+
+def model_tensors(model, quantized: dict[str, QuantizedWeight], fmt: str) -> dict[str, torch.Tensor]:
+    """All tensors of the checkpoint: the format's tensors for quantized Linears, 16-bit for the rest."""
+    dtype = storage_dtype(model)
+    skip = {f"{n}.weight" for n in quantized}
+    tied = _tied_lm_head(model)
+    if tied:
+        skip.add(tied)
+    tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous().cpu()
+               for k, v in model.state_dict().items() if k not in skip}
+    for name, qw in quantized.items():
+        if fmt in ("gptq", "gptq_v2"):
+            t = gptq_format.to_tensors(qw, fmt)
+        else:
+            raise SpecError(f"unknown checkpoint format {fmt!r}")
+        tensors.update({f"{name}.{k}": v.cpu() for k, v in t.items()})
+    return tensors
+
+
+def save_sharded(tensors: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int = SHARD_BYTES):
+    shards, cur, size = [], {}, 0
+    for k in sorted(tensors):
+        nbytes = tensors[k].numel() * tensors[k].element_size()
+        if cur and size + nbytes > max_shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k] = tensors[k]
+        size += nbytes
+    shards.append(cur)
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / fname), metadata={"format": "pt"})
+        for k, v in shard.items():
+            weight_map[k] = fname
+            total += v.numel() * v.element_size()
+    (folder / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+def write_artifact(out_dir, model, tokenizer, quantized: dict[str, QuantizedWeight], fmt: str,
+                   quant_config: dict, side_files: dict[str, dict] | None = None,
+                   extra_files: dict[str, str | bytes] | None = None, overwrite: bool = False,
+                   max_shard_bytes: int = SHARD_BYTES) -> Path:
+    """Write the checkpoint atomically: a temporary sibling folder renamed into place."""
+    out = Path(out_dir).resolve()
+    if out.exists() and not overwrite:
+        raise ArtifactError(f"{out} already exists; choose another --out or remove it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        save_sharded(model_tensors(model, quantized, fmt), tmp, max_shard_bytes)
+        config = model.config.to_dict()
+        config["quantization_config"] = quant_config
+        config["dtype"] = str(storage_dtype(model)).removeprefix("torch.")
+        config.pop("torch_dtype", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for name, content in (side_files or {}).items():
+            (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, content in (extra_files or {}).items():
+            (tmp / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def add_file(artifact_dir, name: str, content: str | bytes):
+    """Add or replace one file inside a finished artifact (write to a temp name, then rename)."""
+    p = Path(artifact_dir) / name
+    tmp = p.with_name(f".{name}.tmp")
+    tmp.write_bytes(content if isinstance(content, bytes) else content.encode())
+    os.replace(tmp, p)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading back
+
+
+class DequantLinear(nn.Module):
+    """A Linear whose weight is the dequantization of a QuantizedWeight, computed once at load."""
+
+    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, dtype: torch.dtype):
+        super().__init__()
+        self.quantized = qw
+        self.out_features, self.in_features = qw.codes.shape
+        self.register_buffer("weight", qw.dequantize(dtype), persistent=False)
+        self.bias = None if bias is None else nn.Parameter(bias.to(dtype), requires_grad=False)
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    index = folder / INDEX
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() \
+        else ["model.safetensors"]
+    tensors = {}
+    for f in files:
+        if not (folder / f).exists():
+            raise ArtifactError(f"{folder} is missing {f}")
+        with safe_open(str(folder / f), framework="pt") as sf:
+            for k in sf.keys():
+                tensors[k] = sf.get_tensor(k)
+    return tensors
+
+
+def read_quant_config(folder) -> dict:
+    folder = Path(folder)
+    if not (folder / "config.json").exists():
+        raise ArtifactError(f"{folder} is not an artifact: no config.json")
+    qc = json.loads((folder / "config.json").read_text()).get("quantization_config")
+    if not qc:
+        raise ArtifactError(f"{folder}/config.json has no quantization_config")
+    return qc
+
+
+def quantized_weights(tensors: dict[str, torch.Tensor], qc: dict) -> dict[str, QuantizedWeight]:
+    """Pop each quantized Linear's tensors out of `tensors` and decode them."""
+    method = qc.get("quant_method")
+    if method != "gptq":
+        raise ArtifactError(f"cannot read quant_method {method!r}")
+    fmt = qc.get("checkpoint_format", "gptq")
+    names = [k[:-len(".qweight")] for k in tensors if k.endswith(".qweight")]
+    out = {}
+    for n in names:
+        t = {k: tensors.pop(f"{n}.{k}") for k in gptq_format.TENSORS}
+        out[n] = gptq_format.from_tensors(t, qc["bits"], fmt, qc.get("sym", True), qc["group_size"])
+    return out
+
+
+def load_artifact(path, dtype: torch.dtype = torch.float32, with_tokenizer: bool = True):
+    """Load an artifact into a transformers model whose quantized Linears dequantize their stored
+    integers. Returns (model, tokenizer or None, quantization_config)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(path)
+    qc = read_quant_config(folder)
+    config = AutoConfig.from_pretrained(folder)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    tensors = read_tensors(folder)
+    quantized = quantized_weights(tensors, qc)
+    for name, qw in quantized.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        bias = tensors.pop(f"{name}.bias", None)
+        setattr(parent, child, DequantLinear(qw, bias, dtype))
+    result = model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()},
+                                   strict=False)
+    expected_missing = {f"{n}.weight" for n in quantized}
+    tied = _tied_lm_head(model)
+    missing = set(result.missing_keys) - expected_missing - ({tied} if tied else set())
+    if missing or result.unexpected_keys:
+        raise ArtifactError(f"artifact tensors do not match the model: missing {sorted(missing)[:5]}, "
+                            f"unexpected {sorted(result.unexpected_keys)[:5]}")
+    model.eval()
+    tok = AutoTokenizer.from_pretrained(folder) if with_tokenizer else None
+    return model, tok, qc

@@ -1,0 +1,149 @@
+"""GPTQ (Frantar et al., 2022) as one pure function: quantize W column by column, spreading each
+column's rounding error over the columns not yet quantized through the inverse Hessian.
+
+Notation: W [out, in] (an nn.Linear weight), H = 2/N * X^T X [in, in] over the N calibration rows of
+the Linear's input. Rows of W are independent given H, so Linears that share an input (q/k/v,
+gate/up) are quantized as one row-concatenated matrix with one Hessian.
+"""
+from dataclasses import dataclass
+
+import torch
+
+from service.errors import QuantizationError
+
+from .grid import QuantizedWeight, grid_params, group_count, quantize_codes
+
+DAMP_STEP = 0.01   # added to damp_percent each time the Cholesky factorisation fails
+DAMP_MAX = 1.0
+
+
+@dataclass
+class GPTQStats:
+    loss: float          # sum over rows of the GPTQ objective, (w - q)^2 / d^2 / 2
+    rel_error: float     # tr(E H E^T) / tr(W H W^T): relative output error on the calibration inputs
+    damp: float          # the damping that made H positive definite
+
+
+def hessian_inverse_factor(H: torch.Tensor, damp_percent: float):
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, raising damp until it factorises."""
+    n = H.shape[0]
+    mean_diag = torch.mean(torch.diag(H))
+    damp = damp_percent
+    eye = torch.eye(n, device=H.device, dtype=H.dtype)
+    while True:
+        L, info = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)
+        if info.item() == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if info.item() == 0 and torch.isfinite(U).all():
+                return U, damp
+        damp = (damp if damp > 0 else 0.0) + DAMP_STEP
+        if damp > DAMP_MAX + 1e-9:
+            raise QuantizationError(
+                "GPTQ: the Hessian is not positive definite even with damping 1.0; the calibration data "
+                "probably does not exercise this layer (use more or more varied samples)")
+
+
+def quantize_weight(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bool = True,
+                    desc_act: bool = False, static_groups: bool = False, damp_percent: float = 0.01,
+                    block_size: int = 128) -> tuple[QuantizedWeight, GPTQStats]:
+    """GPTQ-quantize W [out, in] against H [in, in]. Returns the quantized weight and its statistics.
+
+    desc_act processes columns by descending diag(H) and forms groups in that order (non-monotonic
+    g_idx); static_groups takes every group's grid from the unmodified weights in natural order, so
+    g_idx stays c // group_size even under desc_act. Dead inputs (diag(H) == 0) get zero weights.
+    """
+    W = W.detach().float().clone()
+    H = H.detach().float().clone()
+    out_f, in_f = W.shape
+    maxq = 2 ** bits - 1
+    gs = in_f if group_size == -1 else group_size
+    W0 = W.clone()
+    H0 = H.clone()
+
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    static = None
+    if static_groups and group_size != -1:
+        static = [grid_params(W[:, g * gs:(g + 1) * gs], bits, sym) for g in range(group_count(in_f, gs))]
+
+    perm = torch.argsort(torch.diag(H), descending=True) if desc_act else None
+    if perm is not None:
+        W, H = W[:, perm], H[perm][:, perm]
+    Hinv, damp = hessian_inverse_factor(H, damp_percent)
+    del H
+
+    codes = torch.zeros(out_f, in_f, dtype=torch.uint8, device=W.device)
+    loss = torch.zeros((), device=W.device)
+    g_idx = torch.zeros(in_f, dtype=torch.int32, device=W.device)
+    made = []                      # (scale, zero) in group creation order
+    scale = zero = None
+    if group_size == -1:
+        scale, zero = grid_params(W, bits, sym)
+        made.append((scale, zero))
+    orig = perm.tolist() if perm is not None else range(in_f)
+
+    # Blocks are whole multiples of the group size, so each new group's grid is taken from the
+    # block's up-to-date columns (earlier in-block errors already applied). The block is held
+    # transposed so a column is a contiguous row; per column only the rounding and the rank-1
+    # update run, codes and errors are stored and reduced per block.
+    B = block_size if group_size == -1 else gs * max(1, -(-block_size // gs))
+    for i1 in range(0, in_f, B):
+        i2 = min(i1 + B, in_f)
+        W1 = W[:, i1:i2].t().contiguous()          # [cols, out]
+        C1 = torch.empty_like(W1)
+        Err1 = torch.empty_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if static is not None:
+                scale, zero = static[orig[col] // gs]
+            elif group_size != -1 and col % gs == 0:
+                scale, zero = grid_params(W1[i:i + gs].t(), bits, sym)
+                made.append((scale, zero))
+            w = W1[i]
+            q = quantize_codes(w, scale, zero, maxq)
+            C1[i] = q
+            err = Err1[i]
+            torch.div(w - scale * (q - zero), Hinv1[i, i], out=err)
+            W1[i + 1:].addr_(Hinv1[i, i + 1:], err, alpha=-1)
+        codes[:, i1:i2] = C1.t().to(torch.uint8)
+        loss += Err1.pow(2).sum() / 2
+        W[:, i2:].addmm_(Err1.t(), Hinv[i1:i2, i2:], alpha=-1)
+
+    if static is not None:
+        made = static
+        g_idx = torch.arange(in_f, dtype=torch.int32, device=W.device) // gs
+    elif group_size != -1:
+        g_idx[torch.as_tensor(list(orig), device=W.device)] = \
+            torch.arange(in_f, dtype=torch.int32, device=W.device) // gs
+    if perm is not None:
+        codes = codes[:, torch.argsort(perm)]
+
+    scales = torch.stack([s for s, _ in made])
+    zeros = torch.stack([z for _, z in made]).to(torch.int32)
+    qw = QuantizedWeight(codes, scales, zeros, g_idx, bits, group_size, sym)
+    return qw, GPTQStats(loss=loss.item(), rel_error=relative_error(W0, qw.dequantize(), H0), damp=damp)
+
+
+def relative_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
+    """tr(E H E^T) / tr(W H W^T) with E = Q - W: the output error on the calibration inputs."""
+    E = Q - W
+    return (torch.sum((E @ H) * E) / torch.sum((W @ H) * W).clamp(min=1e-30)).item()
+
+
+class HessianAccumulator:
+    """Running H = 2/N * sum x x^T over the rows of a Linear's inputs, in float32."""
+
+    def __init__(self, in_features: int, device):
+        self.H = torch.zeros(in_features, in_features, device=device, dtype=torch.float32)
+        self.n = 0
+
+    def add(self, x: torch.Tensor):
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.H.addmm_(x.t(), x)
+        self.n += x.shape[0]
+
+    def result(self) -> torch.Tensor:
+        return self.H * (2.0 / max(self.n, 1))

@@ -1,0 +1,75 @@
+"""The integer grid every algorithm quantizes onto, and the result type they all return.
+
+Conventions are those of FORMATS.md §1 (the GPTQ reference quantizer): maxq = 2**bits - 1,
+scale = (xmax - xmin) / maxq with xmin <= 0 <= xmax; sym puts the zero at (maxq + 1) / 2;
+asym rounds it to round(-xmin / scale). Scales are rounded to float16 *before* the codes are
+chosen, so the artifact (which stores float16 scales) holds exactly the weights the algorithm
+propagated through later layers.
+"""
+from dataclasses import dataclass
+
+import torch
+
+SCALE_MIN = 2.0 ** -24  # smallest float16 subnormal: a scale never rounds to zero
+
+
+@dataclass
+class QuantizedWeight:
+    """One Linear's quantized weight, layout-neutral.
+
+    codes [out, in] uint8 in [0, maxq]; scales [G, out] float32 (float16-exact); zeros [G, out]
+    int32; g_idx [in] int32 maps each input channel to its group (rows of scales/zeros).
+    Dequantized: W[n, k] = scales[g_idx[k], n] * (codes[n, k] - zeros[g_idx[k], n]).
+    """
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    g_idx: torch.Tensor
+    bits: int
+    group_size: int
+    sym: bool
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        g = self.g_idx.long()
+        s = self.scales[g].t()                 # [out, in]
+        z = self.zeros[g].t().to(s.dtype)
+        return (s * (self.codes.to(s.dtype) - z)).to(dtype)
+
+    def rows(self, start: int, stop: int) -> "QuantizedWeight":
+        """The slice of output channels [start, stop): splits a concatenated q/k/v result."""
+        return QuantizedWeight(self.codes[start:stop], self.scales[:, start:stop], self.zeros[:, start:stop],
+                               self.g_idx, self.bits, self.group_size, self.sym)
+
+
+def grid_params(W: torch.Tensor, bits: int, sym: bool):
+    """Scale and zero per row of W [rows, cols] (one group). Returns float32 [rows], float32 [rows]."""
+    maxq = 2 ** bits - 1
+    xmin = W.min(1).values.clamp(max=0)
+    xmax = W.max(1).values.clamp(min=0)
+    if sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = -xmax
+    empty = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(empty, -1.0, xmin)
+    xmax = torch.where(empty, 1.0, xmax)
+    scale = ((xmax - xmin) / maxq).to(torch.float16).float().clamp(min=SCALE_MIN)
+    if sym:
+        zero = torch.full_like(scale, (maxq + 1) // 2)
+    else:
+        zero = torch.round(-xmin / scale).clamp(0, maxq)
+    return scale, zero
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Integer codes of w on the grid (scale, zero), broadcast along w's trailing dims."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+
+
+def group_count(in_features: int, group_size: int) -> int:
+    return 1 if group_size == -1 else -(-in_features // group_size)
+
+
+def group_index(in_features: int, group_size: int, device=None) -> torch.Tensor:
+    """g_idx for groups in natural column order (the last group may be ragged)."""
+    idx = torch.arange(in_features, dtype=torch.int32, device=device)
+    return torch.zeros_like(idx) if group_size == -1 else idx // group_size
