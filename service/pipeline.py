@@ -17,7 +17,7 @@ from evaluation.perplexity import perplexity
 from quantizers import artifact, gptq_format
 from quantizers.driver import LayerReport, quantize_model
 
-from .errors import SpecError
+from .errors import ArtifactError, SpecError
 from .sources import load_model, resolve_model
 from .spec import JobSpec
 
@@ -76,6 +76,8 @@ def run(spec: JobSpec, out_dir, *, device: str = "auto", state_dir=None, overwri
     times = {}
     t0 = time.perf_counter()
     dev = pick_device(device)
+    if Path(out_dir).exists() and not overwrite:
+        raise ArtifactError(f"{out_dir} already exists; choose another --out or pass --overwrite")
 
     on_step("resolve")
     src = resolve_model(spec.model, spec.revision, allow_pickle=spec.allow_pickle,
