@@ -100,7 +100,8 @@ def perplexity(model, stream: torch.Tensor, windows: int, window_len: int) -> fl
         )
         nlls.append(nll)
         del logits
-    return math.exp(torch.cat(nlls).mean().item())
+    # per-token NLL in float32, summed in float64 (as quantfarm's evaluation/perplexity.py does)
+    return math.exp(torch.cat(nlls).double().mean().item())
 
 
 def baseline_in_child(args) -> float:

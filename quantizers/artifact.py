@@ -202,7 +202,7 @@ def load_artifact(path, dtype: torch.dtype = torch.float32, with_tokenizer: bool
     for name, qw in quantized.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        bias = tensors.pop(f"{name}.bias", None)
+        bias = tensors.get(f"{name}.bias")   # stays in tensors: load_state_dict fills the same parameter
         setattr(parent, child, DequantLinear(qw, bias, dtype))
     result = model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()},
                                    strict=False)

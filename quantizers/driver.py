@@ -25,6 +25,7 @@ from service.errors import QuantizationError
 
 from . import gptq, rtn
 from .grid import QuantizedWeight
+from .replay import Replay
 
 
 @dataclass(frozen=True)
@@ -148,7 +149,7 @@ def _run_layer(layer, h, kw):
 
 
 @torch.no_grad()
-def collect_hessians(layer, groups: list[list[str]], hidden, kwargs, device) -> dict[str, torch.Tensor]:
+def collect_hessians(layer, groups: list[list[str]], hidden, kwargs, device, replay: Replay) -> dict[str, torch.Tensor]:
     """One Hessian per group, from its first Linear's inputs over all batches."""
     linears = _linears(layer)
     acc = {g[0]: gptq.HessianAccumulator(linears[g[0]].in_features, device) for g in groups}
@@ -163,7 +164,8 @@ def collect_hessians(layer, groups: list[list[str]], hidden, kwargs, device) -> 
 
     hooks = [linears[g[0]].register_forward_pre_hook(make_hook(g[0])) for g in groups]
     try:
-        for h, kw in zip(hidden, kwargs):
+        for b, (h, kw) in enumerate(zip(hidden, kwargs)):
+            replay.batch = b
             try:
                 _run_layer(layer, h, kw)
             except StopForward:
@@ -171,7 +173,18 @@ def collect_hessians(layer, groups: list[list[str]], hidden, kwargs, device) -> 
     finally:
         for h in hooks:
             h.remove()
+    replay.end_pass()
     return {name: a.result() for name, a in acc.items()}
+
+
+def run_layer_batches(layer, hidden, kwargs, replay: Replay) -> list[torch.Tensor]:
+    """The layer's outputs for every batch: the next layer's inputs (nothing new is recorded)."""
+    replay.recording_on = False
+    out = []
+    for b, (h, kw) in enumerate(zip(hidden, kwargs)):
+        replay.batch = b
+        out.append(_run_layer(layer, h, kw))
+    return out
 
 
 def quantize_group(linears: list[nn.Linear], H: torch.Tensor | None, cfg: QuantConfig):
@@ -222,7 +235,7 @@ class LayerCheckpoint:
         t = {}
         for name, qw in results.items():
             for k in ("codes", "scales", "zeros", "g_idx"):
-                t[f"{name}.{k}"] = getattr(qw, k).contiguous().cpu()
+                t[f"{name}.{k}"] = getattr(qw, k).detach().cpu().clone()   # q/k/v share g_idx storage
         self._save(f"layer_{index:05d}.safetensors", t, {"report": json.dumps(report.__dict__)})
         self._save("inputs.safetensors", {f"b{i}": h.contiguous().cpu() for i, h in enumerate(hidden)}, {})
         self._write("manifest.json", json.dumps({"recipe": self.recipe, "layers_done": index + 1}).encode())
@@ -256,12 +269,13 @@ class LayerCheckpoint:
 @torch.no_grad()
 def quantize_model(model, tokens: torch.Tensor | None, cfg: QuantConfig, device="cpu", checkpoint_dir=None,
                    recipe: dict | None = None, on_layer: Callable[[LayerReport, int], None] | None = None,
-                   should_stop: Callable[[], bool] | None = None):
+                   should_stop: Callable[[], bool] | None = None, replay_bytes: int = 4 * 2 ** 30):
     """Quantize every Linear inside the decoder layers of `model` (in place: their weights become
     the dequantized values). lm_head and embeddings stay 16-bit.
 
     Returns ({full module name: QuantizedWeight}, [LayerReport]). `tokens` [n, seq] are the
     calibration blocks (None for rtn). With `checkpoint_dir` the run resumes from completed layers.
+    `replay_bytes` bounds the memory spent on replaying frozen modules' outputs (replay.py).
     """
     import time
 
@@ -285,8 +299,8 @@ def quantize_model(model, tokens: torch.Tensor | None, cfg: QuantConfig, device=
     hidden = kwargs = None
     if needs_data:
         hidden, kwargs = capture_layer_inputs(model, layers, tokens, cfg.batch_size, device)
-        if start:
-            hidden = ckpt.load_inputs(device)
+        if start:   # re-split: the interrupted run may have used another batch size
+            hidden = list(torch.cat(ckpt.load_inputs(device)).split(cfg.batch_size))
 
     for i in range(start, len(layers)):
         if should_stop and should_stop():
@@ -300,14 +314,19 @@ def quantize_model(model, tokens: torch.Tensor | None, cfg: QuantConfig, device=
         if needs_data:
             groups = input_groups(layer, hidden, kwargs)
             stages = [[g] for g in groups] if cfg.true_sequential else [groups]
-            for stage in stages:
-                Hs = collect_hessians(layer, stage, hidden, kwargs, device)
-                for g in stage:
-                    for n, (qw, info) in zip(g, quantize_group([linears[n] for n in g], Hs[g[0]], cfg)):
-                        layer_results[f"{prefix[i]}.{n}"] = qw
-                        report.modules[n] = info
-                del Hs
-            hidden = [_run_layer(layer, h, kw) for h, kw in zip(hidden, kwargs)]
+            replay = Replay(layer, len(hidden), replay_bytes)
+            try:
+                for stage in stages:
+                    Hs = collect_hessians(layer, stage, hidden, kwargs, device, replay)
+                    for g in stage:
+                        for n, (qw, info) in zip(g, quantize_group([linears[n] for n in g], Hs[g[0]], cfg)):
+                            layer_results[f"{prefix[i]}.{n}"] = qw
+                            report.modules[n] = info
+                        replay.freeze(linears[n] for n in g)
+                    del Hs
+                hidden = run_layer_batches(layer, hidden, kwargs, replay)
+            finally:
+                replay.close()
         else:
             for n, m in linears.items():
                 (qw, info), = quantize_group([m], None, cfg)
