@@ -293,10 +293,8 @@ def test_cancel_then_resume_matches_uninterrupted_run(arch, tmp_path):
     assert all(int(qw.codes.max()) <= 7 and qw.bits == 3 for qw in res3.values())
 
 
-# Bug (quantizers/driver.py, quantize_model resume): the stored inputs are one tensor per calibration
-# batch of the first run, the attention kwargs one per batch of this run, and the two lists are zipped.
-# batch_size is not part of QuantConfig.key(), so resuming with a larger batch_size silently drops the
-# samples of the extra stored batches from every later Hessian (half of them here).
+# The stored inputs are one tensor per calibration batch of the first run; batch_size is not part of
+# the recipe, so a resume with another batch size must re-split them rather than drop samples.
 def test_resume_with_another_batch_size_uses_every_sample(tmp_path, monkeypatch):
     tokens = calib()
     ckpt = tmp_path / "ckpt"
