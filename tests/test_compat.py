@@ -25,7 +25,6 @@ Tolerances (logits are O(1) here, max |logit| ~ 1):
 - gptqmodel's default 4-bit CPU kernel (bfloat16 activations, scales rounded to bfloat16, 8
   significant bits) vs our float32 logits: atol = rtol = 3e-2 (measured ~6e-3).
 """
-import contextlib
 from dataclasses import dataclass
 
 import pytest
