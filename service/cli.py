@@ -81,6 +81,8 @@ def cmd_quantize(a) -> int:
         p = r.perplexity
         print(f"perplexity   {p['fp16']:.3f} (fp16) -> {p['quantized']:.3f} (quantized), x{p['ratio']:.3f} "
               f"on {p['windows']} x {p['window_len']} tokens of {p['text']}")
+    for w in r.warnings:
+        print(f"note         {w}")
     return 0
 
 

@@ -49,6 +49,7 @@ class Result:
     size_after_bytes: int = 0
     perplexity: dict = field(default_factory=dict)
     layers: list = field(default_factory=list)
+    warnings: list = field(default_factory=list)
 
 
 def _noop(*_a, **_k):
@@ -63,6 +64,20 @@ def round_to_storage(model) -> torch.dtype:
         if p.is_floating_point():
             p.data = p.data.to(dtype).to(p.dtype)
     return dtype
+
+
+def ragged_group_notes(model, group_size: int) -> list[str]:
+    """What a ragged last group means for the runtimes that load the artifact (written, not refused:
+    gptqmodel's torch kernel runs it)."""
+    from quantizers.driver import decoder_layers
+    widths = sorted({m.in_features for m in decoder_layers(model).modules() if isinstance(m, torch.nn.Linear)})
+    ragged = [w for w in widths if group_size != -1 and w % group_size]
+    if not ragged:
+        return []
+    return [f"input widths {ragged} are not multiples of group size {group_size}, so the last group is ragged: "
+            "transformers runs this artifact through gptqmodel only with GPTQConfig(backend='torch') (its default "
+            "4-bit CPU kernel refuses it) and vLLM's Marlin kernels need in_features % group_size == 0; "
+            f"a group size dividing {ragged[0]} (e.g. 64 or 32) avoids both"]
 
 
 def artifact_bytes(folder: Path) -> int:
@@ -85,6 +100,7 @@ def run(spec: JobSpec, out_dir, *, device: str = "auto", state_dir=None, overwri
     revision = src.revision or src.content_hash
     model, tokenizer = load_model(src, dtype=torch.float32 if dev.type == "cpu" else torch.bfloat16)
     round_to_storage(model)
+    notes = ragged_group_notes(model, spec.group_size)
     size_before = sum(p.numel() for p in model.parameters()) * 2
     times["load"] = time.perf_counter() - t0
 
@@ -148,7 +164,8 @@ def run(spec: JobSpec, out_dir, *, device: str = "auto", state_dir=None, overwri
     result = Result(artifact=str(out), model=spec.model, revision=revision, recipe_key=key,
                     calibration_hash=meta["calibration_hash"], seconds=times, size_before_bytes=size_before,
                     size_after_bytes=artifact_bytes(out), perplexity=ppl,
-                    layers=[{"index": r.index, "seconds": r.seconds, "modules": r.modules} for r in reports])
+                    layers=[{"index": r.index, "seconds": r.seconds, "modules": r.modules} for r in reports],
+                    warnings=notes)
     report = {"quantfarm": quantfarm_version(), "spec": spec.model_dump(), **asdict(result)}
     artifact.add_file(out, "report.json", json.dumps(report, indent=2) + "\n")
     return result

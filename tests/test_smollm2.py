@@ -87,6 +87,7 @@ def test_cli_demo_on_a_fresh_output(tmp_path):
                        capture_output=True, text=True, env=env, cwd=Path(__file__).parent.parent, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "perplexity" in r.stdout and "MiB" in r.stdout
+    assert "ragged" in r.stdout            # g128 on 576-wide inputs: the runtimes' limits are stated
     for f in ("config.json", "quantize_config.json", "model.safetensors", "tokenizer.json", "report.json",
               "generation_config.json"):
         assert (out / f).exists(), f
@@ -96,6 +97,7 @@ def test_cli_demo_on_a_fresh_output(tmp_path):
     assert qc == json.loads((out / "quantize_config.json").read_text())
     report = json.loads((out / "report.json").read_text())
     assert report["perplexity"]["quantized"] > 0 and report["recipe_key"] == qc["meta"]["recipe_hash"]
+    assert report["warnings"] and len(report["layers"]) == 30
     assert not list(tmp_path.glob(".demo.tmp-*"))          # atomic: no temporary folder left behind
     # an existing artifact is not overwritten without --overwrite
     r2 = subprocess.run([sys.executable, "-m", "service.cli", "quantize", "smollm2-135m", "--algorithm", "rtn",

@@ -66,3 +66,18 @@ def calib(n: int = 8, seq: int = 32, vocab: int = VOCAB, seed: int = 0) -> torch
     """Random calibration tokens [n, seq] (int64), the same for the same seed."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (n, seq), generator=g)
+
+
+def save_tiny(folder, arch: str = "llama", seed: int = 0, layers: int = 2):
+    """A tiny model saved as a local checkpoint folder (safetensors) with a word-level tokenizer of
+    VOCAB words, so the whole pipeline (resolve, tokenize, calibrate, evaluate) runs on it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(VOCAB - 4)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                            pad_token="<pad>").save_pretrained(folder)
+    tiny_model(arch, seed=seed, layers=layers).save_pretrained(folder)
+    return folder

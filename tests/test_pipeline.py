@@ -1,0 +1,60 @@
+"""The whole job (resolve -> calibrate -> quantize -> save -> evaluate) on a tiny local model."""
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from service import pipeline
+from service.spec import JobSpec
+from tiny import save_tiny
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return str(save_tiny(tmp_path_factory.mktemp("tiny") / "llama"))
+
+
+def spec(model, seed=0, **kw):
+    return JobSpec(model=model, group_size=32, calibration={"source": "model", "samples": 4, "seq_len": 32, "seed": seed},
+                   evaluation={"text": "model", "windows": 2, "window_len": 32}, **kw)
+
+
+def test_same_seed_gives_byte_identical_tensors(tiny_dir, tmp_path):
+    a = pipeline.run(spec(tiny_dir), tmp_path / "a", device="cpu")
+    b = pipeline.run(spec(tiny_dir), tmp_path / "b", device="cpu")
+    c = pipeline.run(spec(tiny_dir, seed=1), tmp_path / "c", device="cpu")
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    assert a.calibration_hash == b.calibration_hash != c.calibration_hash
+    assert a.recipe_key == b.recipe_key != c.recipe_key
+    ta, tc = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "c" / "model.safetensors"))
+    assert any(not (ta[k] == tc[k]).all() for k in ta if k.endswith(".qweight"))
+
+
+def test_report_and_configs(tiny_dir, tmp_path):
+    r = pipeline.run(spec(tiny_dir, sym=False, desc_act=True), tmp_path / "art", device="cpu")
+    art = tmp_path / "art"
+    qc = json.loads((art / "config.json").read_text())["quantization_config"]
+    assert qc["checkpoint_format"] == "gptq_v2" and qc["sym"] is False and qc["desc_act"] is True
+    assert qc["meta"]["source_model"] == tiny_dir and qc["meta"]["source_revision"] == r.revision
+    assert json.loads((art / "quantize_config.json").read_text()) == qc
+    report = json.loads((art / "report.json").read_text())
+    assert report["perplexity"]["fp16"] > 0 and report["perplexity"]["quantized"] > 0
+    assert report["spec"]["sym"] is False and report["size_after_bytes"] < report["size_before_bytes"]
+    assert len(report["layers"]) == 2 and "mlp.down_proj" in report["layers"][0]["modules"]
+    assert {"tokenizer.json", "generation_config.json"} <= {p.name for p in art.iterdir()}
+
+
+def test_resume_through_the_pipeline(tiny_dir, tmp_path):
+    """A run cancelled after its first layer resumes from --state-dir to the same artifact."""
+    from quantizers.driver import Cancelled
+    calls = iter([False, True])
+    with pytest.raises(Cancelled):
+        pipeline.run(spec(tiny_dir), tmp_path / "x", device="cpu", state_dir=tmp_path / "state",
+                     should_stop=lambda: next(calls))
+    assert not (tmp_path / "x").exists()                 # nothing half-written
+    done = []
+    pipeline.run(spec(tiny_dir), tmp_path / "x", device="cpu", state_dir=tmp_path / "state",
+                 on_layer=lambda rep, n: done.append(rep.index))
+    pipeline.run(spec(tiny_dir), tmp_path / "ref", device="cpu")
+    assert done == [1]
+    assert (tmp_path / "x" / "model.safetensors").read_bytes() == (tmp_path / "ref" / "model.safetensors").read_bytes()
