@@ -6,7 +6,7 @@ never overlapped. Timed: the quantization call alone (wall and CPU seconds), pea
 process, and perplexity of the result.
 
     .venv/bin/python bench/cpu_gptq.py --samples 128 --seq-len 512 --group-size 64 \
-        [--peer-python /path/to/venv-with-llmcompressor/bin/python] [--desc-act --static-groups]
+        [--peer-python /path/to/venv-with-llmcompressor/bin/python] [--act-order static|dynamic|none]
 """
 import argparse
 import json
@@ -58,8 +58,8 @@ def run_ours(a):
     model, tok = load_model(resolve_model(str(work / "smollm2-fp16")))
     tokens = load_file(str(work / "calib.safetensors"))["tokens"]
     ev = load_file(str(work / "eval.safetensors"))["tokens"]
-    cfg = QuantConfig(bits=a.bits, group_size=a.group_size, sym=True, desc_act=a.desc_act,
-                      static_groups=a.static_groups, true_sequential=not a.no_true_sequential)
+    cfg = QuantConfig(bits=a.bits, group_size=a.group_size, sym=True, desc_act=a.act_order != "none",
+                      static_groups=a.act_order == "static", true_sequential=not a.no_true_sequential)
     wall, cpu = time.perf_counter(), time.process_time()
     q, reports = quantize_model(model, tokens, cfg, "cpu")
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
@@ -93,8 +93,8 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=64)
-    p.add_argument("--desc-act", action="store_true")
-    p.add_argument("--static-groups", action="store_true")
+    p.add_argument("--act-order", choices=["static", "dynamic", "none"], default="static",
+                   help="static is quantfarm's default and llm-compressor's (actorder static)")
     p.add_argument("--no-true-sequential", action="store_true")
     p.add_argument("--windows", type=int, default=32)
     p.add_argument("--window-len", type=int, default=512)
@@ -107,7 +107,7 @@ def main():
     work = Path(a.work or tempfile.mkdtemp(prefix="qf-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     _, calib_hash = prepare(work, a.samples, a.seq_len, a.seed)
-    flags = [f"--{k.replace('_', '-')}" for k in ("desc_act", "static_groups", "no_true_sequential") if getattr(a, k)]
+    flags = ["--act-order", a.act_order] + (["--no-true-sequential"] if a.no_true_sequential else [])
     common = ["--windows", str(a.windows), "--window-len", str(a.window_len)]
     ours = child([sys.executable, __file__, "--ours-only", "--work", str(work), "--bits", str(a.bits),
                   "--group-size", str(a.group_size), *flags, *common])
@@ -118,7 +118,7 @@ def main():
                       "--algorithm", "gptq", "--bits", str(a.bits), "--group-size", str(a.group_size), "--sym",
                       *common, "--json-out", str(work / "peer.json")])
         rows.append(peer)
-    print(f"\nSmolLM2-135M GPTQ w{a.bits} g{a.group_size}, {a.samples} x {a.seq_len} C4 tokens "
+    print(f"\nSmolLM2-135M GPTQ w{a.bits} g{a.group_size} act-order {a.act_order}, {a.samples} x {a.seq_len} C4 tokens "
           f"(calibration hash {calib_hash[:12]}), {os.cpu_count()} CPUs, perplexity on {a.windows} x "
           f"{a.window_len} WikiText-2 validation tokens")
     print(f"{'tool':<16}{'wall s':>9}{'CPU s':>9}{'peak RSS MB':>13}{'ppl':>9}{'fp16 ppl':>10}")

@@ -18,8 +18,12 @@ def _quantize_parser(sub):
     sym = p.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric grid (default)")
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid (written as gptq_v2)")
-    p.add_argument("--desc-act", action="store_true", help="quantize columns by descending Hessian diagonal")
-    p.add_argument("--static-groups", action="store_true", help="group grids from the unmodified weights")
+    p.add_argument("--act-order", choices=["static", "dynamic", "none"], default="static",
+                   help="column order by descending Hessian diagonal: static (default; groups keep their natural "
+                        "columns, so g_idx stays monotonic and inference pays nothing), dynamic (groups formed in "
+                        "that order: classic desc_act, non-monotonic g_idx), or none")
+    p.add_argument("--desc-act", dest="act_order", action="store_const", const="dynamic",
+                   help="same as --act-order dynamic")
     p.add_argument("--no-true-sequential", dest="true_sequential", action="store_false",
                    help="collect all inputs of a layer at once instead of group by group")
     p.add_argument("--damp", type=float, default=0.01, help="damping as a fraction of mean(diag H)")
@@ -47,7 +51,8 @@ def cmd_quantize(a) -> int:
     from .spec import JobSpec
 
     spec = JobSpec(model=a.model, revision=a.revision, algorithm=a.algorithm, format=a.format, bits=a.bits,
-                   group_size=a.group_size, sym=a.sym, desc_act=a.desc_act, static_groups=a.static_groups,
+                   group_size=a.group_size, sym=a.sym, desc_act=a.act_order != "none",
+                   static_groups=a.act_order == "static",
                    true_sequential=a.true_sequential, damp_percent=a.damp,
                    calibration={"source": a.calibration, "samples": a.samples, "seq_len": a.seq_len, "seed": a.seed},
                    evaluation={"suite": "none" if a.no_eval else "perplexity", "text": a.eval_text,
@@ -74,7 +79,7 @@ def cmd_quantize(a) -> int:
     print(f"\nartifact     {r.artifact}")
     print(f"model        {r.model} @ {r.revision}")
     print(f"format       {spec.format} {spec.bits}-bit g{spec.group_size} {'sym' if spec.sym else 'asym'}"
-          f"{' desc_act' if spec.desc_act else ''} ({spec.algorithm})")
+          f"{' act-order ' + ('static' if spec.static_groups else 'dynamic') if spec.desc_act else ''} ({spec.algorithm})")
     print(f"time         {r.seconds['total']:.1f} s total, {r.seconds['quantize']:.1f} s quantizing")
     print(f"size         {r.size_before_bytes / mb:.1f} MiB (16-bit) -> {r.size_after_bytes / mb:.1f} MiB")
     if r.perplexity:

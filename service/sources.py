@@ -345,9 +345,29 @@ def load_model(resolved: ResolvedModel, dtype: torch.dtype = torch.float32):
     except (OSError, ValueError, KeyError, RuntimeError, ImportError) as e:
         raise ModelSourceError(f"cannot load {where} from {resolved.path}: {e}") from e
     _drop_quantization_config(model)
-    model.config.dtype = dtype
+    model.config.dtype = _declared_dtype(resolved) or dtype
+    _align_eos(model, tokenizer)
     model.eval()
     return model, tokenizer
+
+
+def _declared_dtype(resolved: ResolvedModel):
+    """The 16-bit dtype the source checkpoint declares (kept so the artifact stores bf16 sources as bf16)."""
+    cfg = Path(resolved.path) / "config.json"
+    if resolved.gguf_file or not cfg.exists():
+        return None
+    d = json.loads(cfg.read_text())
+    name = d.get("dtype") or d.get("torch_dtype")
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(name)
+
+
+def _align_eos(model, tokenizer) -> None:
+    """Make the tokenizer's EOS the model's: the tokenizer transformers builds from SmolLM2's GGUF says
+    <|im_start|> (id 1) while the model ends turns with id 2. Calibration separates documents with it
+    and the artifact ships this tokenizer, so the model config wins."""
+    eos = getattr(model.config, "eos_token_id", None)
+    if isinstance(eos, int) and tokenizer.eos_token_id != eos and 0 <= eos < len(tokenizer):
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos)
 
 
 def _drop_quantization_config(model) -> None:

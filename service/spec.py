@@ -38,8 +38,8 @@ class JobSpec(BaseModel):
     bits: Literal[2, 3, 4, 8] = 4
     group_size: int = 128
     sym: bool = True
-    desc_act: bool = False
-    static_groups: bool = False
+    desc_act: bool = True           # with static_groups: "static act-order", free at inference time
+    static_groups: bool = True
     true_sequential: bool = True
     damp_percent: float = Field(0.01, ge=0.0, le=1.0)
     calibration: Calibration = Calibration()
