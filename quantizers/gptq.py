@@ -15,6 +15,7 @@ from .grid import QuantizedWeight, grid_params, group_count, quantize_codes
 
 DAMP_STEP = 0.01   # added to damp_percent each time the Cholesky factorisation fails
 DAMP_MAX = 1.0
+HESSIAN_BLOCKS = 4
 
 
 @dataclass
@@ -134,16 +135,24 @@ def relative_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
 
 
 class HessianAccumulator:
-    """Running H = 2/N * sum x x^T over the rows of a Linear's inputs, in float32."""
+    """Running H = 2/N * sum x x^T over the rows of a Linear's inputs, in float32.
+
+    X^T X is symmetric, so only its upper block triangle is computed (in HESSIAN_BLOCKS column
+    blocks: 10/16 of the products for 4 blocks) and mirrored once at the end; the values are the
+    same as the full product's."""
 
     def __init__(self, in_features: int, device):
         self.H = torch.zeros(in_features, in_features, device=device, dtype=torch.float32)
         self.n = 0
+        self.block = in_features if in_features < 256 else -(-in_features // HESSIAN_BLOCKS)
 
     def add(self, x: torch.Tensor):
         x = x.reshape(-1, x.shape[-1]).float()
-        self.H.addmm_(x.t(), x)
+        d, b = x.shape[1], self.block
+        for i in range(0, d, b):
+            self.H[i:i + b, i:].addmm_(x[:, i:i + b].t(), x[:, i:])
         self.n += x.shape[0]
 
     def result(self) -> torch.Tensor:
-        return self.H * (2.0 / max(self.n, 1))
+        upper = torch.triu(self.H)
+        return (upper + torch.triu(self.H, 1).t()) * (2.0 / max(self.n, 1))
