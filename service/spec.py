@@ -9,9 +9,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from quantizers.driver import QuantConfig
 
-ALGORITHMS = ("gptq", "rtn")
-FORMATS = ("gptq",)
-
 
 class Calibration(BaseModel):
     model_config = ConfigDict(extra="forbid")

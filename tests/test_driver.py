@@ -12,7 +12,7 @@ from quantizers import gptq, gptq_format, rtn
 from quantizers.artifact import DequantLinear, load_artifact, write_artifact
 from quantizers.driver import (Cancelled, QuantConfig, capture_layer_inputs, decoder_layers, input_groups,
                                quantize_model)
-from service.errors import ArtifactError, QuantizationError, SpecError
+from service.errors import QuantizationError, SpecError
 from tiny import ARCHS, calib, tiny_model
 
 # Logits of the 4-bit g32 model against the float model, ||q - f|| / ||f|| on the calibration tokens.

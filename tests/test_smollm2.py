@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from calibration import build_calibration, eval_tokens
 from conftest import require_shared_data
