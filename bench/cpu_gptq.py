@@ -50,8 +50,9 @@ def run_ours(a):
     from safetensors.torch import load_file
 
     from evaluation.perplexity import perplexity
-    from quantizers import artifact, gptq_format
+    from quantizers import artifact
     from quantizers.driver import QuantConfig, quantize_model
+    from service.pipeline import save_gptq
     from service.sources import load_model, resolve_model
 
     work = Path(a.work)
@@ -64,9 +65,7 @@ def run_ours(a):
     q, reports = quantize_model(model, tokens, cfg, "cpu")
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    qc = gptq_format.quantization_config(cfg.bits, cfg.group_size, cfg.sym, cfg.desc_act, cfg.static_groups,
-                                         cfg.true_sequential, cfg.damp_percent, {"quantizer": ["quantfarm:bench"]})
-    out = artifact.write_artifact(work / "ours-artifact", model, tok, q, qc["checkpoint_format"], qc, overwrite=True)
+    out = save_gptq(work / "ours-artifact", model, tok, q, cfg, {"quantizer": ["quantfarm:bench"]}, overwrite=True)
     loaded, _, _ = artifact.load_artifact(out, with_tokenizer=False)
     ppl = perplexity(loaded, ev, a.window_len, max_windows=a.windows)
     base = perplexity(load_model(resolve_model(str(work / "smollm2-fp16")))[0], ev, a.window_len, max_windows=a.windows)

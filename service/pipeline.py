@@ -15,7 +15,7 @@ import torch
 from calibration import build_calibration, eval_tokens
 from evaluation.perplexity import perplexity
 from quantizers import artifact, gptq_format
-from quantizers.driver import LayerReport, quantize_model
+from quantizers.driver import LayerReport, QuantConfig, quantize_model
 
 from .errors import ArtifactError, SpecError
 from .sources import load_model, resolve_model
@@ -80,6 +80,14 @@ def ragged_group_notes(model, group_size: int) -> list[str]:
             f"a group size dividing {ragged[0]} (e.g. 64 or 32) avoids both"]
 
 
+def save_gptq(out_dir, model, tokenizer, quantized, cfg: QuantConfig, meta: dict, overwrite: bool = False) -> Path:
+    """Write a GPTQ artifact: quantization_config in config.json, mirrored as quantize_config.json."""
+    qc = gptq_format.quantization_config(cfg.bits, cfg.group_size, cfg.sym, cfg.desc_act, cfg.static_groups,
+                                         cfg.true_sequential, cfg.damp_percent, meta)
+    return artifact.write_artifact(out_dir, model, tokenizer, quantized, qc["checkpoint_format"], qc,
+                                   side_files={"quantize_config.json": qc}, overwrite=overwrite)
+
+
 def artifact_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
 
@@ -141,11 +149,7 @@ def run(spec: JobSpec, out_dir, *, device: str = "auto", state_dir=None, overwri
             "calibration_hash": calib.content_hash if calib is not None else None,
             "calibration": calib.source if calib is not None else None,
             "source_model": spec.model, "source_revision": revision, "algorithm": cfg.algorithm}
-    qc = gptq_format.quantization_config(cfg.bits, cfg.group_size, cfg.sym, cfg.desc_act, cfg.static_groups,
-                                         cfg.true_sequential, cfg.damp_percent, meta)
-    side = {k: v for k, v in qc.items()}
-    out = artifact.write_artifact(out_dir, model, tokenizer, quantized, qc["checkpoint_format"], qc,
-                                  side_files={"quantize_config.json": side}, overwrite=overwrite)
+    out = save_gptq(out_dir, model, tokenizer, quantized, cfg, meta, overwrite=overwrite)
     times["save"] = time.perf_counter() - t
     del model
 

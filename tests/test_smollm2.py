@@ -17,9 +17,9 @@ import pytest
 from calibration import build_calibration, eval_tokens
 from conftest import require_shared_data
 from evaluation.perplexity import perplexity
-from quantizers import artifact, gptq_format
+from quantizers import artifact
 from quantizers.driver import QuantConfig, quantize_model
-from service.pipeline import round_to_storage
+from service.pipeline import round_to_storage, save_gptq
 from service.sources import load_model, resolve_model
 
 # llm-compressor 0.14.0.1 GPTQ w4 g64 sym (its default static act-order) on the same 32 x 512 C4 token
@@ -47,10 +47,8 @@ def quantized_ppl(smol, tmp_path, cfg: QuantConfig, windows=WINDOWS, via_artifac
     q, reports = quantize_model(model, tokens, cfg, "cpu")
     if not via_artifact:
         return perplexity(model, smol["ev"], 512, max_windows=windows), reports
-    qc = gptq_format.quantization_config(cfg.bits, cfg.group_size, cfg.sym, cfg.desc_act, cfg.static_groups,
-                                         cfg.true_sequential, cfg.damp_percent, {"quantizer": ["quantfarm:test"]})
-    out = artifact.write_artifact(tmp_path / f"{cfg.algorithm}-g{cfg.group_size}", model, smol["tok"], q,
-                                  qc["checkpoint_format"], qc)
+    out = save_gptq(tmp_path / f"{cfg.algorithm}-g{cfg.group_size}", model, smol["tok"], q, cfg,
+                    {"quantizer": ["quantfarm:test"]})
     loaded, _, _ = artifact.load_artifact(out, with_tokenizer=False)
     return perplexity(loaded, smol["ev"], 512, max_windows=windows), reports
 
