@@ -18,7 +18,7 @@ from torch import nn
 
 from service.errors import ArtifactError, SpecError
 
-from . import gptq_format
+from . import awq_format, ct_format, gptq_format
 from .grid import QuantizedWeight
 
 SHARD_BYTES = 2 * 2 ** 30
@@ -54,6 +54,10 @@ def model_tensors(model, quantized: dict[str, QuantizedWeight], fmt: str) -> dic
     for name, qw in quantized.items():
         if fmt in ("gptq", "gptq_v2"):
             t = gptq_format.to_tensors(qw, fmt)
+        elif fmt == "awq":
+            t = awq_format.to_tensors(qw)
+        elif fmt == "compressed-tensors":
+            t = ct_format.to_tensors(qw, dtype)
         else:
             raise SpecError(f"unknown checkpoint format {fmt!r}")
         tensors.update({f"{name}.{k}": v.cpu() for k, v in t.items()})
@@ -175,14 +179,27 @@ def read_quant_config(folder) -> dict:
 def quantized_weights(tensors: dict[str, torch.Tensor], qc: dict) -> dict[str, QuantizedWeight]:
     """Pop each quantized Linear's tensors out of `tensors` and decode them."""
     method = qc.get("quant_method")
-    if method != "gptq":
+    if method == "gptq":
+        fmt = qc.get("checkpoint_format", "gptq")
+        decode, names, marker = (lambda t: gptq_format.from_tensors(t, qc["bits"], fmt, qc.get("sym", True),
+                                                                  qc["group_size"])), gptq_format.TENSORS, "qweight"
+    elif method == "awq":
+        if qc.get("bits") != 4 or str(qc.get("version", "gemm")).lower() != "gemm":
+            raise ArtifactError(f"only 4-bit AWQ GEMM checkpoints are read, not {qc}")
+        decode, names, marker = (lambda t: awq_format.from_tensors(t, qc["group_size"])), awq_format.TENSORS, "qweight"
+    elif method == "compressed-tensors":
+        groups = list(qc.get("config_groups", {}).values())
+        if qc.get("format") != "pack-quantized" or len(groups) != 1:
+            raise ArtifactError("only pack-quantized compressed-tensors checkpoints with one config group are read")
+        w = groups[0]["weights"]
+        gs = -1 if w.get("strategy") == "channel" else w["group_size"]
+        decode = lambda t: ct_format.from_tensors(t, w["num_bits"], gs, w["symmetric"])  # noqa: E731
+        names, marker = ct_format.TENSORS + (() if w["symmetric"] else ("weight_zero_point",)), "weight_packed"
+    else:
         raise ArtifactError(f"cannot read quant_method {method!r}")
-    fmt = qc.get("checkpoint_format", "gptq")
-    names = [k[:-len(".qweight")] for k in tensors if k.endswith(".qweight")]
     out = {}
-    for n in names:
-        t = {k: tensors.pop(f"{n}.{k}") for k in gptq_format.TENSORS}
-        out[n] = gptq_format.from_tensors(t, qc["bits"], fmt, qc.get("sym", True), qc["group_size"])
+    for n in [k[:-len(marker) - 1] for k in tensors if k.endswith("." + marker)]:
+        out[n] = decode({k: tensors.pop(f"{n}.{k}") for k in names if f"{n}.{k}" in tensors})
     return out
 
 

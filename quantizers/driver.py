@@ -11,26 +11,25 @@ one row-concatenated matrix. With true_sequential each such group is quantized b
 of the next group are collected, so o_proj sees the output of the quantized q/k/v, and so on;
 the forward stops early (StopForward) once the group being collected has seen its input.
 """
-import json
-import os
+import copy
+import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from service.errors import QuantizationError
 
-from . import gptq, rtn
+from . import awq, gptq, rtn
+from .checkpoint import LayerCheckpoint
 from .grid import QuantizedWeight
 from .replay import Replay
 
 
 @dataclass(frozen=True)
 class QuantConfig:
-    algorithm: str = "gptq"          # gptq | rtn
+    algorithm: str = "gptq"          # gptq | awq | rtn
     bits: int = 4
     group_size: int = 128
     sym: bool = True
@@ -38,6 +37,9 @@ class QuantConfig:
     static_groups: bool = False
     true_sequential: bool = True
     damp_percent: float = 0.01
+    awq_grid: int = 20               # AWQ scale-search candidates (half with duo scaling)
+    awq_clip: bool = True            # AWQ weight-clipping search
+    search_dtype: str = "auto"       # AWQ block forwards: auto = bfloat16 where it is fast, else float32
     batch_size: int = 8              # calibration samples per forward
 
     def key(self) -> dict:
@@ -211,59 +213,249 @@ def quantize_group(linears: list[nn.Linear], H: torch.Tensor | None, cfg: QuantC
     return out
 
 
-class LayerCheckpoint:
-    """Per-layer state on disk so an interrupted run resumes at the last completed layer.
+# ---------------------------------------------------------------------------------------------
+# AWQ: which op produced each group's input (the scale is folded into it), and which block's
+# output scores a candidate scale.
 
-    After layer i: layer_{i}.safetensors holds its quantized Linears, inputs.safetensors the
-    activations entering layer i + 1, manifest.json says how many layers are done and for which
-    recipe. Each file is written to a temporary name and renamed; the manifest goes last.
-    """
+QUERY_KEY = ("q_proj", "k_proj", "qkv_proj", "query", "key", "query_key_value", "Wqkv", "c_attn")
+# A Linear group whose input is not a norm's output may take its scale from the Linear that feeds
+# it channel for channel: v -> o (only without grouped-query attention: the shapes must match) and
+# up -> down. Fused producers (Phi-3) feed it from their last rows: qkv's v part, gate_up's up part.
+LINEAR_PRODUCERS = {"o_proj": (("v_proj", 1), ("qkv_proj", 3)), "down_proj": (("up_proj", 1), ("gate_up_proj", 2))}
 
-    def __init__(self, folder, recipe: dict):
-        self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.recipe = recipe
 
-    def layers_done(self) -> int:
-        m = self.folder / "manifest.json"
-        if not m.exists():
-            return 0
-        data = json.loads(m.read_text())
-        return data["layers_done"] if data.get("recipe") == self.recipe else 0
+@dataclass
+class Smoothing:
+    group: list[str]                 # Linears reading the scaled input
+    prev: str                        # the module that produced it, where 1/s is folded in
+    prev_is_norm: bool
+    norm_offset: float = 0.0         # the norm multiplies by (offset + weight): 1 for Gemma's norms
+    block: str | None = None         # module whose output scores a scale; None: the group's own output
 
-    def save(self, index: int, results: dict[str, QuantizedWeight], report: LayerReport, hidden: list[torch.Tensor]):
-        t = {}
-        for name, qw in results.items():
-            for k in ("codes", "scales", "zeros", "g_idx"):
-                t[f"{name}.{k}"] = getattr(qw, k).detach().cpu().clone()   # q/k/v share g_idx storage
-        self._save(f"layer_{index:05d}.safetensors", t, {"report": json.dumps(report.__dict__)})
-        self._save("inputs.safetensors", {f"b{i}": h.contiguous().cpu() for i, h in enumerate(hidden)}, {})
-        self._write("manifest.json", json.dumps({"recipe": self.recipe, "layers_done": index + 1}).encode())
 
-    def load_layer(self, index: int, cfg: QuantConfig):
-        from safetensors import safe_open
-        path = self.folder / f"layer_{index:05d}.safetensors"
-        t = load_file(str(path))
-        with safe_open(str(path), framework="pt") as f:
-            rep = json.loads(f.metadata()["report"])
-        names = sorted({k.rsplit(".", 1)[0] for k in t})
-        results = {n: QuantizedWeight(t[f"{n}.codes"], t[f"{n}.scales"], t[f"{n}.zeros"], t[f"{n}.g_idx"],
-                                      cfg.bits, cfg.group_size, cfg.sym) for n in names}
-        return results, LayerReport(**rep)
+def _norms(layer) -> dict[str, nn.Module]:
+    return {n: m for n, m in layer.named_modules() if not isinstance(m, nn.Linear) and not list(m.children())
+            and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 1}
 
-    def load_inputs(self, device) -> list[torch.Tensor]:
-        t = load_file(str(self.folder / "inputs.safetensors"))
-        return [t[f"b{i}"].to(device) for i in range(len(t))]
 
-    def _save(self, name, tensors, metadata):
-        tmp = self.folder / f".{name}.tmp"
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, self.folder / name)
+@torch.no_grad()
+def _norm_offset(norm) -> float:
+    """c in y = normalize(x) * (c + weight) (+ bias), measured: 0 for most norms, 1 for Gemma's."""
+    saved = {k: v.detach().clone() for k, v in norm.named_parameters()}
+    x = torch.randn(4, norm.weight.shape[0], dtype=norm.weight.dtype, device=norm.weight.device)
+    try:
+        for p in norm.parameters():
+            p.zero_()
+        y0 = norm(x).float()
+        norm.weight.fill_(1.0)
+        y1 = norm(x).float()
+    finally:
+        for k, p in norm.named_parameters():
+            p.copy_(saved[k])
+    return round((y0.abs().sum() / (y1 - y0).abs().sum().clamp(min=1e-30)).item(), 4)
 
-    def _write(self, name, data: bytes):
-        tmp = self.folder / f".{name}.tmp"
-        tmp.write_bytes(data)
-        os.replace(tmp, self.folder / name)
+
+def _common_parent(names: list[str]) -> str:
+    parts = [n.split(".")[:-1] for n in names]
+    common = []
+    for level in zip(*parts):
+        if len(set(level)) > 1:
+            break
+        common.append(level[0])
+    return ".".join(common)
+
+
+@torch.no_grad()
+def smoothing_plan(layer, groups: list[list[str]], hidden, kwargs) -> list[Smoothing]:
+    """For each Linear group, the op its scale folds into, found by tensor identity (a norm whose
+    output is the group's input) or by the v -> o / up -> down rule; groups with neither get none."""
+    linears, norms = _linears(layer), _norms(layer)
+    produced_by, group_input, keep = {}, {}, []
+
+    def on_norm(name):
+        def hook(_m, _a, out):
+            keep.append(out)
+            produced_by[id(out)] = name
+        return hook
+
+    def on_linear(name):
+        def hook(_m, args):
+            keep.append(args[0])
+            group_input[name] = id(args[0])
+        return hook
+
+    hooks = [m.register_forward_hook(on_norm(n)) for n, m in norms.items()]
+    hooks += [linears[g[0]].register_forward_pre_hook(on_linear(g[0])) for g in groups]
+    try:
+        _run_layer(layer, hidden[0][:1], _slice_kwargs(kwargs[0], 1))
+    finally:
+        for h in hooks:
+            h.remove()
+    plan = []
+    for g in groups:
+        in_f = linears[g[0]].in_features
+        norm = produced_by.get(group_input.get(g[0]))
+        if norm is not None and norms[norm].weight.shape[0] == in_f:
+            plan.append(Smoothing(g, norm, True, _norm_offset(norms[norm]), _common_parent(g) or None))
+            continue
+        base, _, leaf = g[0].rpartition(".")
+        for producer, parts in LINEAR_PRODUCERS.get(leaf, ()) if len(g) == 1 else ():
+            p = linears.get(f"{base}.{producer}" if base else producer)
+            if p is not None and p.out_features == parts * in_f:
+                plan.append(Smoothing(g, f"{base}.{producer}" if base else producer, False))
+                break
+    return plan
+
+
+def search_dtype(name: str, device: torch.device) -> torch.dtype:
+    """bfloat16 on CUDA and on CPUs with AMX (4x the float32 matmul rate there), else float32."""
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cuda":
+        return torch.bfloat16
+    try:
+        with open("/proc/cpuinfo") as f:
+            amx = "amx_bf16" in f.read(1 << 16)
+    except OSError:
+        amx = False
+    return torch.bfloat16 if amx else torch.float32
+
+
+def _cast(v, dtype):
+    if isinstance(v, torch.Tensor):
+        return v.detach().to(dtype, copy=True) if v.is_floating_point() else v
+    if isinstance(v, tuple):
+        return tuple(_cast(x, dtype) for x in v)
+    return v
+
+
+@torch.no_grad()
+def _capture_awq(layer, groups, plan, hidden, kwargs, dtype):
+    """One full forward of the layer: each group's Hessian and mean |x|, and the calls into each
+    scored block (inputs cast to the search dtype)."""
+    linears = _linears(layer)
+    acc = {g[0]: gptq.HessianAccumulator(linears[g[0]].in_features, hidden[0].device) for g in groups}
+    absum = {g[0]: torch.zeros(linears[g[0]].in_features, device=hidden[0].device) for g in groups}
+    calls = {sm.block: [] for sm in plan if sm.block is not None}
+
+    def on_input(name):
+        def hook(_m, args):
+            acc[name].add(args[0])
+            absum[name] += args[0].detach().abs().float().reshape(-1, args[0].shape[-1]).sum(0)
+        return hook
+
+    def on_block(name):
+        def hook(_m, args, kw):
+            calls[name].append((_cast(args, dtype), {k: _cast(v, dtype) for k, v in kw.items()}))
+        return hook
+
+    hooks = [linears[g[0]].register_forward_pre_hook(on_input(g[0])) for g in groups]
+    hooks += [layer.get_submodule(b).register_forward_pre_hook(on_block(b), with_kwargs=True) for b in calls]
+    try:
+        for h, kw in zip(hidden, kwargs):
+            _run_layer(layer, h, kw)
+    finally:
+        for h in hooks:
+            h.remove()
+    H = {n: a.result() for n, a in acc.items()}
+    x_mean = {n: absum[n] / max(acc[n].n, 1) for n in acc}
+    return H, x_mean, calls
+
+
+class BlockLoss:
+    """Mean squared difference of a block's output under candidate weights against its output
+    under the current weights, on the recorded calls; the block is a copy in the search dtype."""
+
+    def __init__(self, block: nn.Module, linear_names: list[str], calls, dtype):
+        self.block = copy.deepcopy(block).to(dtype)
+        self.linears = [self.block.get_submodule(n) for n in linear_names]
+        self.calls, self.dtype = calls, dtype
+        self.ref = [self._run(a, k) for a, k in calls]
+
+    def _run(self, args, kw):
+        out = self.block(*args, **kw)
+        return out[0] if isinstance(out, tuple) else out
+
+    @torch.no_grad()
+    def __call__(self, weights: list[torch.Tensor]) -> float:
+        for m, w in zip(self.linears, weights):
+            m.weight.data = w.to(self.dtype)
+        total, count = 0.0, 0
+        for (a, k), ref in zip(self.calls, self.ref):
+            total = total + (self._run(a, k).float() - ref.float()).pow(2).sum()
+            count += ref.numel()
+        return float(total) / count
+
+
+def hessian_loss(weights: list[torch.Tensor], H: torch.Tensor):
+    """The same loss for a block that is the group itself, from H = 2/N X^T X without a forward."""
+    W = torch.cat([w.float() for w in weights])
+
+    def loss(cands: list[torch.Tensor]) -> float:
+        E = torch.cat(cands) - W
+        return (torch.sum((E @ H) * E) / (2 * W.shape[0])).item()
+    return loss
+
+
+@torch.no_grad()
+def _fold(layer, sm: Smoothing, s: torch.Tensor, linears):
+    """X / s in the producer, W * s in the group: the float model computes the same function."""
+    for n in sm.group:
+        w = linears[n].weight
+        w.data = (w.float() * s.view(1, -1)).to(w.dtype)
+    prev = layer.get_submodule(sm.prev)
+    k = s.numel()
+    if sm.prev_is_norm:
+        prev.weight.data = ((sm.norm_offset + prev.weight.float()) / s - sm.norm_offset).to(prev.weight.dtype)
+    else:
+        prev.weight.data[-k:] = (prev.weight[-k:].float() / s.view(-1, 1)).to(prev.weight.dtype)
+    if getattr(prev, "bias", None) is not None:
+        prev.bias.data[-k:] = (prev.bias[-k:].float() / s).to(prev.bias.dtype)
+
+
+@torch.no_grad()
+def quantize_layer_awq(layer, hidden, kwargs, cfg: QuantConfig, dtype: torch.dtype):
+    """AWQ on one decoder layer in place: search and fold scales, clip, quantize.
+    Returns ({Linear name: QuantizedWeight}, {Linear name: info})."""
+    linears = _linears(layer)
+    groups = input_groups(layer, hidden, kwargs)
+    plan = smoothing_plan(layer, groups, hidden, kwargs)
+    H, x_mean, calls = _capture_awq(layer, groups, plan, hidden, kwargs, dtype)
+    info = {n: {} for n in linears}
+    for sm in plan:
+        first = sm.group[0]
+        weights = [linears[n].weight.float() for n in sm.group]
+        if sm.block is not None:
+            rel = [n[len(sm.block) + 1:] for n in sm.group]
+            loss = BlockLoss(layer.get_submodule(sm.block), rel, calls.pop(sm.block), dtype)
+        else:
+            loss = hessian_loss(weights, H[first])
+        found = awq.search_scale(x_mean[first], weights, cfg.bits, cfg.group_size, loss, cfg.awq_grid)
+        del loss
+        s = found.scale.to(H[first].device)
+        _fold(layer, sm, s, linears)
+        H[first] = H[first] / (s.view(-1, 1) * s.view(1, -1))
+        for n in sm.group:
+            info[n].update(scale_ratio=found.ratio, duo=found.duo, block_loss=found.loss,
+                           identity_block_loss=found.identity_loss, folded_into=sm.prev)
+    results = {}
+    for g in groups:
+        for n in g:
+            W = linears[n].weight.float()
+            clip = cfg.awq_clip and n.rpartition(".")[2] not in QUERY_KEY
+            qw = awq.quantize_weight(awq.search_clip(W, H[g[0]], cfg.bits, cfg.group_size) if clip else W,
+                                     cfg.bits, cfg.group_size)
+            Q = qw.dequantize()
+            info[n]["rel_error"] = gptq.relative_error(W, Q, H[g[0]])
+            linears[n].weight.data = Q.to(linears[n].weight.dtype)
+            results[n] = qw
+    return results, info
+
+
+def _layer_state(layer, prefix: str) -> dict[str, torch.Tensor]:
+    """The layer's tensors outside its Linears (norms): AWQ changes them, a resume restores them."""
+    lin = {f"{n}.{p}" for n in _linears(layer) for p in ("weight", "bias")}
+    return {f"{prefix}.{k}": v for k, v in layer.state_dict().items() if k not in lin}
 
 
 @torch.no_grad()
@@ -277,8 +469,6 @@ def quantize_model(model, tokens: torch.Tensor | None, cfg: QuantConfig, device=
     calibration blocks (None for rtn). With `checkpoint_dir` the run resumes from completed layers.
     `replay_bytes` bounds the memory spent on replaying frozen modules' outputs (replay.py).
     """
-    import time
-
     device = torch.device(device)
     layers = decoder_layers(model)
     prefix = _module_names(model, layers)
@@ -289,12 +479,14 @@ def quantize_model(model, tokens: torch.Tensor | None, cfg: QuantConfig, device=
     start = ckpt.layers_done() if ckpt else 0
     results: dict[str, QuantizedWeight] = {}
     reports: list[LayerReport] = []
-    for i in range(start):      # resume: completed layers take their stored quantized weights
-        res, rep = ckpt.load_layer(i, cfg)
+    for i in range(start):      # resume: completed layers take their stored weights and norms
+        res, rep, state = ckpt.load_layer(i)
         for name, qw in res.items():
             model.get_submodule(name).weight.data = qw.dequantize(model.get_submodule(name).weight.dtype)
+        if model.load_state_dict(state, strict=False).unexpected_keys:
+            raise QuantizationError(f"checkpoint layer {i} does not match the model; remove {checkpoint_dir}")
         results.update(res)
-        reports.append(rep)
+        reports.append(LayerReport(**rep))
 
     hidden = kwargs = None
     if needs_data:
@@ -311,7 +503,11 @@ def quantize_model(model, tokens: torch.Tensor | None, cfg: QuantConfig, device=
         layer.to(device)
         linears = _linears(layer)
         layer_results, report = {}, LayerReport(i, 0.0)
-        if needs_data:
+        if cfg.algorithm == "awq":
+            res, report.modules = quantize_layer_awq(layer, hidden, kwargs, cfg, search_dtype(cfg.search_dtype, device))
+            layer_results = {f"{prefix[i]}.{n}": qw for n, qw in res.items()}
+            hidden = [_run_layer(layer, h, kw) for h, kw in zip(hidden, kwargs)]
+        elif needs_data:
             groups = input_groups(layer, hidden, kwargs)
             stages = [[g] for g in groups] if cfg.true_sequential else [groups]
             replay = Replay(layer, len(hidden), replay_bytes)
@@ -337,7 +533,7 @@ def quantize_model(model, tokens: torch.Tensor | None, cfg: QuantConfig, device=
                                             v.bits, v.group_size, v.sym) for k, v in layer_results.items()}
         report.seconds = time.perf_counter() - t0
         if ckpt:
-            ckpt.save(i, layer_results, report, hidden or [])
+            ckpt.save(i, layer_results, report.__dict__, hidden or [], _layer_state(layer, prefix[i]))
         results.update(layer_results)
         reports.append(report)
         if on_layer:

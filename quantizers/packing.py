@@ -13,11 +13,17 @@ def _to_int32(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x >= 2 ** 31, x - 2 ** 32, x).to(torch.int32)
 
 
-def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """values [n, m] in [0, 2**bits) -> int32 [n * bits / 32, m]. n * bits must be a multiple of 32."""
+def pack_rows(values: torch.Tensor, bits: int, pad: bool = False) -> torch.Tensor:
+    """values [n, m] in [0, 2**bits) -> int32 [n * bits / 32, m]. n * bits must be a multiple of 32
+    unless `pad`: then zeros fill the last word (compressed-tensors' zero points)."""
     n, m = values.shape
     if (n * bits) % 32:
-        raise ValueError(f"cannot pack {n} rows of {bits}-bit values into whole 32-bit words")
+        if not pad:
+            raise ValueError(f"cannot pack {n} rows of {bits}-bit values into whole 32-bit words")
+        fill = 32 if 32 % bits else 32 // bits
+        extra = -n % fill
+        values = torch.cat([values, values.new_zeros(extra, m)])
+        return pack_rows(values, bits)[:-(-n * bits // 32)]
     v = values.to(torch.int64)
     if 32 % bits == 0:
         pf = 32 // bits
@@ -41,9 +47,9 @@ def unpack_rows(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     return vals[:n].to(torch.int32)
 
 
-def pack_cols(values: torch.Tensor, bits: int) -> torch.Tensor:
+def pack_cols(values: torch.Tensor, bits: int, pad: bool = False) -> torch.Tensor:
     """values [m, n] -> int32 [m, n * bits / 32], packed along dim 1."""
-    return pack_rows(values.t(), bits).t().contiguous()
+    return pack_rows(values.t(), bits, pad).t().contiguous()
 
 
 def unpack_cols(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:

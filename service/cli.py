@@ -11,13 +11,16 @@ def _quantize_parser(sub):
     p = sub.add_parser("quantize", help="quantize a model into a standard checkpoint folder")
     p.add_argument("model", help="smollm2-135m (built-in demo), a Hugging Face id org/name, a local folder, or a .gguf file")
     p.add_argument("--revision", help="Hub branch, tag or commit (pinned to a commit sha)")
-    p.add_argument("--algorithm", default="gptq", choices=["gptq", "rtn"])
-    p.add_argument("--format", default="gptq", choices=["gptq"])
+    p.add_argument("--algorithm", default="gptq", choices=["gptq", "awq", "rtn"], help="how weights are quantized")
+    p.add_argument("--format", default="gptq", choices=["gptq", "awq", "compressed-tensors"],
+                   help="how they are stored (awq: 4-bit AWQ GEMM; compressed-tensors: pack-quantized, vLLM-native)")
     p.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8])
     p.add_argument("--group-size", type=int, default=128, help="columns per group; -1 for one group per row")
     sym = p.add_mutually_exclusive_group()
-    sym.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric grid (default)")
-    sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid (written as gptq_v2)")
+    sym.add_argument("--sym", dest="sym", action="store_true", default=None,
+                     help="symmetric grid (default for gptq and rtn)")
+    sym.add_argument("--asym", dest="sym", action="store_false",
+                     help="asymmetric grid (always for awq; GPTQ writes it as gptq_v2)")
     p.add_argument("--act-order", choices=["static", "dynamic", "none"], default="static",
                    help="column order by descending Hessian diagonal: static (default; groups keep their natural "
                         "columns, so g_idx stays monotonic and inference pays nothing), dynamic (groups formed in "
@@ -78,23 +81,43 @@ def cmd_quantize(a) -> int:
     mb = 2 ** 20
     print(f"\nartifact     {r.artifact}")
     print(f"model        {r.model} @ {r.revision}")
-    print(f"format       {spec.format} {spec.bits}-bit g{spec.group_size} {'sym' if spec.sym else 'asym'}"
-          f"{' act-order ' + ('static' if spec.static_groups else 'dynamic') if spec.desc_act else ''} ({spec.algorithm})")
+    act = r.preflight["settings"]["act_order"]
+    print(f"format       {spec.format} {spec.bits}-bit g{spec.group_size} {'sym' if spec.symmetric else 'asym'}"
+          f"{' act-order ' + act if act != 'none' else ''} ({spec.algorithm})")
     print(f"time         {r.seconds['total']:.1f} s total, {r.seconds['quantize']:.1f} s quantizing")
     print(f"size         {r.size_before_bytes / mb:.1f} MiB (16-bit) -> {r.size_after_bytes / mb:.1f} MiB")
     if r.perplexity:
         p = r.perplexity
         print(f"perplexity   {p['fp16']:.3f} (fp16) -> {p['quantized']:.3f} (quantized), x{p['ratio']:.3f} "
               f"on {p['windows']} x {p['window_len']} tokens of {p['text']}")
+    for v in r.preflight["runtimes"]:
+        print(f"{v['runtime']:<13}{v['path'] if v['ok'] else 'not loadable'}")
     for w in r.warnings:
         print(f"note         {w}")
     return 0
 
 
+def _inspect_parser(sub):
+    p = sub.add_parser("inspect", help="describe an artifact: format, settings, sizes, compatibility, report")
+    p.add_argument("artifact", help="an artifact folder")
+    p.add_argument("--json", action="store_true", help="print the description as JSON")
+    p.set_defaults(func=cmd_inspect)
+
+
+def cmd_inspect(a) -> int:
+    import json
+
+    from .inspect import describe, render
+    d = describe(a.artifact)
+    print(json.dumps(d, indent=2) if a.json else render(d))
+    return 0
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="quantfarm", description="Quantize models into standard GPTQ checkpoints.")
+    parser = argparse.ArgumentParser(prog="quantfarm", description="Quantize models into standard GPTQ, AWQ and compressed-tensors checkpoints.")
     sub = parser.add_subparsers(dest="command", required=True)
     _quantize_parser(sub)
+    _inspect_parser(sub)
     a = parser.parse_args(argv)
     try:
         return a.func(a)

@@ -14,9 +14,10 @@ import torch
 
 from calibration import build_calibration, eval_tokens
 from evaluation.perplexity import perplexity
-from quantizers import artifact, gptq_format
+from quantizers import artifact, awq_format, ct_format, gptq_format
 from quantizers.driver import LayerReport, QuantConfig, quantize_model
 
+from . import preflight
 from .errors import ArtifactError, SpecError
 from .sources import load_model, resolve_model
 from .spec import JobSpec
@@ -50,6 +51,7 @@ class Result:
     perplexity: dict = field(default_factory=dict)
     layers: list = field(default_factory=list)
     warnings: list = field(default_factory=list)
+    preflight: dict = field(default_factory=dict)
 
 
 def _noop(*_a, **_k):
@@ -66,26 +68,32 @@ def round_to_storage(model) -> torch.dtype:
     return dtype
 
 
-def ragged_group_notes(model, group_size: int) -> list[str]:
-    """What a ragged last group means for the runtimes that load the artifact (written, not refused:
-    gptqmodel's torch kernel runs it)."""
-    from quantizers.driver import decoder_layers
-    widths = sorted({m.in_features for m in decoder_layers(model).modules() if isinstance(m, torch.nn.Linear)})
-    ragged = [w for w in widths if group_size != -1 and w % group_size]
-    if not ragged:
-        return []
-    return [f"input widths {ragged} are not multiples of group size {group_size}, so the last group is ragged: "
-            "transformers runs this artifact through gptqmodel only with GPTQConfig(backend='torch') (its default "
-            "4-bit CPU kernel refuses it) and vLLM's Marlin kernels need in_features % group_size == 0; "
-            f"a group size dividing {ragged[0]} (e.g. 64 or 32) avoids both"]
+def settings(spec_or_cfg: QuantConfig, fmt: str) -> preflight.Settings:
+    c = spec_or_cfg
+    act = "none" if not c.desc_act else ("static" if c.static_groups else "dynamic")
+    return preflight.Settings(fmt, c.algorithm, c.bits, c.group_size, c.sym, act)
 
 
-def save_gptq(out_dir, model, tokenizer, quantized, cfg: QuantConfig, meta: dict, overwrite: bool = False) -> Path:
-    """Write a GPTQ artifact: quantization_config in config.json, mirrored as quantize_config.json."""
-    qc = gptq_format.quantization_config(cfg.bits, cfg.group_size, cfg.sym, cfg.desc_act, cfg.static_groups,
-                                         cfg.true_sequential, cfg.damp_percent, meta)
-    return artifact.write_artifact(out_dir, model, tokenizer, quantized, qc["checkpoint_format"], qc,
-                                   side_files={"quantize_config.json": qc}, overwrite=overwrite)
+def quantization_config(cfg: QuantConfig, fmt: str, meta: dict) -> tuple[dict, dict]:
+    """(config.json's quantization_config, {side file name: content}) for a format."""
+    if fmt == "gptq":
+        qc = gptq_format.quantization_config(cfg.bits, cfg.group_size, cfg.sym, cfg.desc_act, cfg.static_groups,
+                                             cfg.true_sequential, cfg.damp_percent, meta)
+        return qc, {"quantize_config.json": qc}
+    if fmt == "awq":
+        return awq_format.quantization_config(cfg.group_size, meta), {"quant_config.json": awq_format.side_file(cfg.group_size)}
+    if fmt == "compressed-tensors":
+        actorder = "static" if cfg.desc_act and cfg.static_groups else None
+        return ct_format.quantization_config(cfg.bits, cfg.group_size, cfg.sym, actorder, meta), {}
+    raise SpecError(f"unknown format {fmt!r}")
+
+
+def save(out_dir, model, tokenizer, quantized, cfg: QuantConfig, fmt: str, meta: dict, overwrite: bool = False) -> Path:
+    """Write the artifact in one of the formats, with its quantization_config and side file."""
+    qc, side = quantization_config(cfg, fmt, meta)
+    layout = qc.get("checkpoint_format", fmt)      # gptq_v2 for asymmetric GPTQ
+    return artifact.write_artifact(out_dir, model, tokenizer, quantized, layout, qc, side_files=side,
+                                   overwrite=overwrite)
 
 
 def artifact_bytes(folder: Path) -> int:
@@ -108,7 +116,11 @@ def run(spec: JobSpec, out_dir, *, device: str = "auto", state_dir=None, overwri
     revision = src.revision or src.content_hash
     model, tokenizer = load_model(src, dtype=torch.float32 if dev.type == "cpu" else torch.bfloat16)
     round_to_storage(model)
-    notes = ragged_group_notes(model, spec.group_size)
+    cfg = spec.quant_config()
+    shapes = preflight.model_shapes(model)
+    preflight.refuse_unwritable(settings(cfg, spec.format), shapes)     # before any quantization work
+    checks = preflight.report(settings(cfg, spec.format), shapes)
+    notes = [f"{v['runtime']}: {n}" for v in checks["runtimes"] for n in v["notes"]]
     size_before = sum(p.numel() for p in model.parameters()) * 2
     times["load"] = time.perf_counter() - t0
 
@@ -122,7 +134,6 @@ def run(spec: JobSpec, out_dir, *, device: str = "auto", state_dir=None, overwri
                "fp16": perplexity(model, ev, spec.evaluation.window_len, max_windows=spec.evaluation.windows)}
         times["evaluate_fp16"] = time.perf_counter() - t
 
-    cfg = spec.quant_config()
     calib = None
     if cfg.algorithm != "rtn":
         on_step("calibrate")
@@ -149,7 +160,7 @@ def run(spec: JobSpec, out_dir, *, device: str = "auto", state_dir=None, overwri
             "calibration_hash": calib.content_hash if calib is not None else None,
             "calibration": calib.source if calib is not None else None,
             "source_model": spec.model, "source_revision": revision, "algorithm": cfg.algorithm}
-    out = save_gptq(out_dir, model, tokenizer, quantized, cfg, meta, overwrite=overwrite)
+    out = save(out_dir, model, tokenizer, quantized, cfg, spec.format, meta, overwrite=overwrite)
     times["save"] = time.perf_counter() - t
     del model
 
@@ -169,7 +180,7 @@ def run(spec: JobSpec, out_dir, *, device: str = "auto", state_dir=None, overwri
                     calibration_hash=meta["calibration_hash"], seconds=times, size_before_bytes=size_before,
                     size_after_bytes=artifact_bytes(out), perplexity=ppl,
                     layers=[{"index": r.index, "seconds": r.seconds, "modules": r.modules} for r in reports],
-                    warnings=notes)
+                    warnings=notes, preflight=checks)
     report = {"quantfarm": quantfarm_version(), "spec": spec.model_dump(), **asdict(result)}
     artifact.add_file(out, "report.json", json.dumps(report, indent=2) + "\n")
     return result

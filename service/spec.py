@@ -5,7 +5,7 @@ import hashlib
 import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from quantizers.driver import QuantConfig
 
@@ -30,12 +30,12 @@ class JobSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str = Field(..., min_length=1, examples=["smollm2-135m", "meta-llama/Llama-3.1-8B"])
     revision: str | None = None
-    algorithm: Literal["gptq", "rtn"] = "gptq"
-    format: Literal["gptq"] = "gptq"
+    algorithm: Literal["gptq", "awq", "rtn"] = Field("gptq", description="how weights are quantized")
+    format: Literal["gptq", "awq", "compressed-tensors"] = Field("gptq", description="how they are stored")
     bits: Literal[2, 3, 4, 8] = 4
     group_size: int = 128
-    sym: bool = True
-    desc_act: bool = True           # with static_groups: "static act-order", free at inference time
+    sym: bool | None = Field(None, description="symmetric grid; default true for gptq/rtn, false for awq")
+    desc_act: bool = True           # with static_groups: "static act-order", free at inference time (gptq only)
     static_groups: bool = True
     true_sequential: bool = True
     damp_percent: float = Field(0.01, ge=0.0, le=1.0)
@@ -51,9 +51,20 @@ class JobSpec(BaseModel):
             raise ValueError("group_size must be -1 (one group per row) or a positive number of columns")
         return v
 
+    @model_validator(mode="after")
+    def _algorithm_settings(self):
+        if self.algorithm == "awq" and self.sym:
+            raise ValueError("sym: AWQ quantizes with zero points; leave sym unset (or false) with algorithm awq")
+        return self
+
+    @property
+    def symmetric(self) -> bool:
+        return self.algorithm != "awq" if self.sym is None else self.sym
+
     def quant_config(self) -> QuantConfig:
-        return QuantConfig(algorithm=self.algorithm, bits=self.bits, group_size=self.group_size, sym=self.sym,
-                           desc_act=self.desc_act, static_groups=self.static_groups,
+        gptq = self.algorithm == "gptq"
+        return QuantConfig(algorithm=self.algorithm, bits=self.bits, group_size=self.group_size, sym=self.symmetric,
+                           desc_act=self.desc_act and gptq, static_groups=self.static_groups and gptq,
                            true_sequential=self.true_sequential, damp_percent=self.damp_percent)
 
     def recipe(self, revision: str) -> dict:

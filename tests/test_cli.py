@@ -17,6 +17,7 @@ def quantfarm(*args, timeout=120):
     (["--group-size", "0"], "group_size"),
     (["--damp", "2"], "damp_percent"),
     (["--samples", "0"], "calibration.samples"),
+    (["--algorithm", "awq", "--sym"], "sym: AWQ quantizes with zero points"),
 ])
 def test_invalid_settings_exit_2_with_the_field(tmp_path, args, message):
     r = quantfarm("quantize", "smollm2-135m", *args, "--out", str(tmp_path / "x"))
@@ -46,3 +47,8 @@ def test_cuda_requested_without_a_gpu(tmp_path):
         pytest.skip("a CUDA device is visible")
     r = quantfarm("quantize", "smollm2-135m", "--device", "cuda", "--out", str(tmp_path / "x"))
     assert r.returncode == 2 and "no CUDA device" in r.stderr
+
+
+def test_inspect_of_a_folder_that_is_no_artifact(tmp_path):
+    r = quantfarm("inspect", str(tmp_path))
+    assert r.returncode == 2 and "no config.json" in r.stderr

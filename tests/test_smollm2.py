@@ -19,13 +19,16 @@ from conftest import require_shared_data
 from evaluation.perplexity import perplexity
 from quantizers import artifact
 from quantizers.driver import QuantConfig, quantize_model
-from service.pipeline import round_to_storage, save_gptq
+from service.pipeline import round_to_storage, save
 from service.sources import load_model, resolve_model
 
 # llm-compressor 0.14.0.1 GPTQ w4 g64 sym (its default static act-order) on the same 32 x 512 C4 token
 # blocks (quantfarm's calibration, seed 0), perplexity on the first 32 x 512 WikiText-2 validation
 # windows: BENCHMARKS.md, "CPU, 32 x 512". GPTQModel 7.6 at g64 lost more than that in ANCHORS.md.
 PEER_G64_PPL = 24.25
+# llm-compressor 0.14.0.1 AWQ w4 g64 asymmetric (its defaults: duo scaling, 20-point grid, no clipping
+# search), same tokens and windows: BENCHMARKS.md, "AWQ, CPU, 32 x 512".
+PEER_AWQ_G64_PPL = None
 WINDOWS = 32
 
 
@@ -41,13 +44,13 @@ def smol():
     return {"model": model, "tok": tok, "ev": ev, "calib": calib, "fp16": fp16}
 
 
-def quantized_ppl(smol, tmp_path, cfg: QuantConfig, windows=WINDOWS, via_artifact=True):
+def quantized_ppl(smol, tmp_path, cfg: QuantConfig, windows=WINDOWS, via_artifact=True, fmt="gptq"):
     model = copy.deepcopy(smol["model"])
     tokens = smol["calib"].tokens if cfg.algorithm != "rtn" else None
     q, reports = quantize_model(model, tokens, cfg, "cpu")
     if not via_artifact:
         return perplexity(model, smol["ev"], 512, max_windows=windows), reports
-    out = save_gptq(tmp_path / f"{cfg.algorithm}-g{cfg.group_size}", model, smol["tok"], q, cfg,
+    out = save(tmp_path / f"{cfg.algorithm}-g{cfg.group_size}", model, smol["tok"], q, cfg, fmt,
                     {"quantizer": ["quantfarm:test"]})
     loaded, _, _ = artifact.load_artifact(out, with_tokenizer=False)
     return perplexity(loaded, smol["ev"], 512, max_windows=windows), reports
@@ -62,6 +65,23 @@ def test_gptq_g64_beats_rtn_and_matches_peer(smol, tmp_path):
     assert gptq_ppl - smol["fp16"] < 0.8 * (rtn_ppl - smol["fp16"])
     assert gptq_ppl <= PEER_G64_PPL
     assert len(reports) == 30 and all(r.modules["mlp.down_proj"]["rel_error"] < 0.05 for r in reports)
+
+
+def test_awq_g64_beats_rtn_and_matches_peer(smol, tmp_path):
+    awq_ppl, reports = quantized_ppl(smol, tmp_path, QuantConfig(algorithm="awq", group_size=64, sym=False),
+                                     fmt="awq")
+    rtn_ppl, _ = quantized_ppl(smol, tmp_path, QuantConfig(algorithm="rtn", group_size=64, sym=False),
+                               via_artifact=False)
+    print(f"fp16 {smol['fp16']:.3f}  rtn asym g64 {rtn_ppl:.3f}  awq g64 {awq_ppl:.3f}  peer {PEER_AWQ_G64_PPL}")
+    assert smol["fp16"] < awq_ppl
+    assert awq_ppl - smol["fp16"] < 0.8 * (rtn_ppl - smol["fp16"])
+    assert awq_ppl <= PEER_AWQ_G64_PPL
+    # SmolLM2 has grouped-query attention (9 heads, 3 KV heads): v -> o is skipped, the rest fold
+    folded = {m: r.modules[m].get("folded_into") for r in reports for m in r.modules}
+    assert folded["self_attn.q_proj"] == "input_layernorm" and folded["mlp.down_proj"] == "mlp.up_proj"
+    assert folded["self_attn.o_proj"] is None
+    qc = json.loads((tmp_path / "awq-g64" / "config.json").read_text())["quantization_config"]
+    assert (qc["quant_method"], qc["version"], qc["group_size"]) == ("awq", "gemm", 64)
 
 
 def test_gptq_g128_ragged_beats_rtn(smol, tmp_path):
@@ -103,3 +123,31 @@ def test_cli_demo_on_a_fresh_output(tmp_path):
                          "--no-eval", "--out", str(out)], capture_output=True, text=True, env=env,
                         cwd=Path(__file__).parent.parent, timeout=600)
     assert r2.returncode == 2 and "already exists" in r2.stderr
+
+
+def test_cli_preflight_awq_as_compressed_tensors_and_inspect(tmp_path):
+    """AWQ results stored as compressed-tensors from the CLI, then `inspect`; an unwritable
+    combination is refused before any quantization."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+    def quantfarm(*args):
+        return subprocess.run([sys.executable, "-m", "service.cli", *args], capture_output=True, text=True, env=env,
+                              cwd=Path(__file__).parent.parent, timeout=900)
+    r = quantfarm("quantize", "smollm2-135m", "--algorithm", "awq", "--format", "awq", "--group-size", "128",
+                  "--out", str(tmp_path / "refused"))
+    assert r.returncode == 2 and "576" in r.stderr and "group size" in r.stderr, r.stderr[-2000:]
+    assert "[quantfarm] evaluate" not in r.stderr and "[quantfarm] calibrate" not in r.stderr
+    assert not (tmp_path / "refused").exists()
+    out = tmp_path / "ct"
+    r = quantfarm("quantize", "smollm2-135m", "--algorithm", "awq", "--format", "compressed-tensors",
+                  "--group-size", "64", "--samples", "4", "--seq-len", "128", "--eval-windows", "2", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "compressed-tensors 4-bit g64 asym (awq)" in r.stdout
+    r = quantfarm("inspect", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "compressed-tensors 4-bit g64 asym (awq)" in r.stdout and "210 quantized Linears" in r.stdout
+    assert "vllm" in r.stdout and "transformers" in r.stdout and "perplexity" in r.stdout
+    d = json.loads(quantfarm("inspect", str(out), "--json").stdout)
+    assert d["format"] == "compressed-tensors" and d["settings"]["sym"] is False
+    assert d["quantizer"]["algorithm"] == "awq" and d["report"]["perplexity"]["quantized"] > 0
+    assert {v["runtime"] for v in d["compatibility"]} == {"vllm", "transformers"}

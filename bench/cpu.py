@@ -1,12 +1,15 @@
-"""CPU benchmark: quantfarm's GPTQ on SmolLM2-135M side by side with llm-compressor, same session.
+"""CPU benchmark: quantfarm's GPTQ or AWQ on SmolLM2-135M side by side with llm-compressor, same session.
 
 Both tools get the same fp16 checkpoint, the same calibration token blocks (quantfarm's C4
 calibration, written to a file) and the same perplexity windows; they run one after the other,
 never overlapped. Timed: the quantization call alone (wall and CPU seconds), peak RSS of the
 process, and perplexity of the result.
 
-    .venv/bin/python bench/cpu_gptq.py --samples 128 --seq-len 512 --group-size 64 \
+    .venv/bin/python bench/cpu.py --algorithm gptq|awq --samples 128 --seq-len 512 --group-size 64 \
         [--peer-python /path/to/venv-with-llmcompressor/bin/python] [--act-order static|dynamic|none]
+
+GPTQ is symmetric with static act-order (both tools' default) and written as GPTQ; AWQ is
+asymmetric (zero point) and written as AWQ GEMM by us, compressed-tensors by the peer.
 """
 import argparse
 import json
@@ -52,25 +55,27 @@ def run_ours(a):
     from evaluation.perplexity import perplexity
     from quantizers import artifact
     from quantizers.driver import QuantConfig, quantize_model
-    from service.pipeline import save_gptq
+    from service.pipeline import save
     from service.sources import load_model, resolve_model
 
     work = Path(a.work)
     model, tok = load_model(resolve_model(str(work / "smollm2-fp16")))
     tokens = load_file(str(work / "calib.safetensors"))["tokens"]
     ev = load_file(str(work / "eval.safetensors"))["tokens"]
-    cfg = QuantConfig(bits=a.bits, group_size=a.group_size, sym=True, desc_act=a.act_order != "none",
-                      static_groups=a.act_order == "static", true_sequential=not a.no_true_sequential)
+    gptq = a.algorithm == "gptq"
+    cfg = QuantConfig(algorithm=a.algorithm, bits=a.bits, group_size=a.group_size, sym=gptq,
+                      desc_act=gptq and a.act_order != "none", static_groups=gptq and a.act_order == "static",
+                      true_sequential=not a.no_true_sequential)
     wall, cpu = time.perf_counter(), time.process_time()
     q, reports = quantize_model(model, tokens, cfg, "cpu")
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    out = save_gptq(work / "ours-artifact", model, tok, q, cfg, {"quantizer": ["quantfarm:bench"]}, overwrite=True)
+    out = save(work / "ours-artifact", model, tok, q, cfg, "gptq" if gptq else "awq", {"quantizer": ["quantfarm:bench"]}, overwrite=True)
     loaded, _, _ = artifact.load_artifact(out, with_tokenizer=False)
     ppl = perplexity(loaded, ev, a.window_len, max_windows=a.windows)
     base = perplexity(load_model(resolve_model(str(work / "smollm2-fp16")))[0], ev, a.window_len, max_windows=a.windows)
     print("RESULT " + json.dumps({
-        "tool": "quantfarm", "algorithm": "gptq", "bits": cfg.bits, "group_size": cfg.group_size,
+        "tool": "quantfarm", "algorithm": a.algorithm, "bits": cfg.bits, "group_size": cfg.group_size,
         "desc_act": cfg.desc_act, "static_groups": cfg.static_groups, "true_sequential": cfg.true_sequential,
         "n_samples": int(tokens.shape[0]), "seq_len": int(tokens.shape[1]), "threads": torch.get_num_threads(),
         "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "peak_rss_mb": round(peak, 1),
@@ -87,6 +92,7 @@ def child(cmd) -> dict:
 
 def main():
     p = argparse.ArgumentParser()
+    p.add_argument("--algorithm", choices=["gptq", "awq"], default="gptq")
     p.add_argument("--samples", type=int, default=128)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
@@ -108,16 +114,20 @@ def main():
     _, calib_hash = prepare(work, a.samples, a.seq_len, a.seed)
     flags = ["--act-order", a.act_order] + (["--no-true-sequential"] if a.no_true_sequential else [])
     common = ["--windows", str(a.windows), "--window-len", str(a.window_len)]
-    ours = child([sys.executable, __file__, "--ours-only", "--work", str(work), "--bits", str(a.bits),
+    ours = child([sys.executable, __file__, "--ours-only", "--work", str(work), "--algorithm", a.algorithm,
+                  "--bits", str(a.bits),
                   "--group-size", str(a.group_size), *flags, *common])
     rows = [ours]
     if a.peer_python:
         peer = child([a.peer_python, str(ROOT / "bench" / "peer_llmc.py"), "--model-dir", str(work / "smollm2-fp16"),
                       "--calib", str(work / "calib.safetensors"), "--eval", str(work / "eval.safetensors"),
-                      "--algorithm", "gptq", "--bits", str(a.bits), "--group-size", str(a.group_size), "--sym",
+                      "--algorithm", a.algorithm, "--bits", str(a.bits), "--group-size", str(a.group_size),
+                      "--sym" if a.algorithm == "gptq" else "--asym",
                       *common, "--json-out", str(work / "peer.json")])
         rows.append(peer)
-    print(f"\nSmolLM2-135M GPTQ w{a.bits} g{a.group_size} act-order {a.act_order}, {a.samples} x {a.seq_len} C4 tokens "
+    what = f"GPTQ w{a.bits} g{a.group_size} act-order {a.act_order}" if a.algorithm == "gptq" else \
+        f"AWQ w{a.bits} g{a.group_size} zero-point"
+    print(f"\nSmolLM2-135M {what}, {a.samples} x {a.seq_len} C4 tokens "
           f"(calibration hash {calib_hash[:12]}), {os.cpu_count()} CPUs, perplexity on {a.windows} x "
           f"{a.window_len} WikiText-2 validation tokens")
     print(f"{'tool':<16}{'wall s':>9}{'CPU s':>9}{'peak RSS MB':>13}{'ppl':>9}{'fp16 ppl':>10}")

@@ -1,0 +1,104 @@
+"""`quantfarm inspect`: what an artifact folder holds, read from its config and safetensors headers
+(no weights are loaded), with the preflight verdicts for its shapes and any report numbers."""
+import json
+import struct
+from pathlib import Path
+
+from quantizers.artifact import read_quant_config
+
+from . import preflight
+from .errors import ArtifactError
+
+
+def _headers(folder: Path) -> dict[str, dict]:
+    """{tensor name: {"dtype", "shape"}} from every safetensors file's JSON header."""
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            n = struct.unpack("<Q", fh.read(8))[0]
+            header = json.loads(fh.read(n))
+        out.update({k: v for k, v in header.items() if k != "__metadata__"})
+    if not out:
+        raise ArtifactError(f"{folder} holds no .safetensors files")
+    return out
+
+
+def settings_of(qc: dict) -> preflight.Settings:
+    method = qc.get("quant_method")
+    if method == "gptq":
+        act = "none" if not qc.get("desc_act") else ("static" if qc.get("static_groups") else "dynamic")
+        return preflight.Settings("gptq", qc.get("meta", {}).get("algorithm", "gptq"), qc["bits"], qc["group_size"],
+                                  qc.get("sym", True), act)
+    if method == "awq":
+        return preflight.Settings("awq", qc.get("meta", {}).get("algorithm", "awq"), qc.get("bits", 4),
+                                  qc["group_size"], False)
+    if method == "compressed-tensors":
+        w = next(iter(qc["config_groups"].values()))["weights"]
+        gs = -1 if w.get("strategy") == "channel" else w["group_size"]
+        return preflight.Settings("compressed-tensors", qc.get("meta", {}).get("algorithm", "unknown"),
+                                  w["num_bits"], gs, w["symmetric"], "static" if w.get("actorder") else "none")
+    raise ArtifactError(f"unknown quant_method {method!r}")
+
+
+def quantized_shapes(headers: dict, s: preflight.Settings) -> dict[str, tuple[int, int]]:
+    """{module: (in, out)} from packed tensor shapes."""
+    out = {}
+    for k, h in headers.items():
+        r, c = (h["shape"] + [0, 0])[:2]
+        if s.format == "gptq" and k.endswith(".qweight"):
+            out[k[:-8]] = (r * 32 // s.bits, c)
+        elif s.format == "awq" and k.endswith(".qweight"):
+            out[k[:-8]] = (r, c * 8)
+        elif s.format == "compressed-tensors" and k.endswith(".weight_packed"):
+            out[k[:-14]] = (c * 32 // s.bits, r)
+    return out
+
+
+def describe(path) -> dict:
+    folder = Path(path)
+    qc = read_quant_config(folder)
+    config = json.loads((folder / "config.json").read_text())
+    s = settings_of(qc)
+    headers = _headers(folder)
+    shapes = quantized_shapes(headers, s)
+    d = {
+        "artifact": str(folder.resolve()),
+        "format": s.format,
+        "quantization_config": {k: v for k, v in qc.items() if k != "meta"},
+        "settings": preflight.report(s, set(shapes.values()))["settings"],
+        "quantizer": qc.get("meta", {}),
+        "model": {"architectures": config.get("architectures"), "layers": config.get("num_hidden_layers"),
+                  "hidden_size": config.get("hidden_size"), "dtype": config.get("dtype") or config.get("torch_dtype")},
+        "sizes": {"safetensors_bytes": sum(f.stat().st_size for f in folder.glob("*.safetensors")),
+                  "quantized_modules": len(shapes), "tensors": len(headers)},
+        "compatibility": preflight.report(s, set(shapes.values()))["runtimes"],
+    }
+    rep = folder / "report.json"
+    if rep.exists():
+        r = json.loads(rep.read_text())
+        d["report"] = {"perplexity": r.get("perplexity"), "seconds": r.get("seconds"),
+                       "size_before_bytes": r.get("size_before_bytes"), "size_after_bytes": r.get("size_after_bytes")}
+    return d
+
+
+def render(d: dict) -> str:
+    s, mb = d["settings"], 2 ** 20
+    lines = [f"artifact     {d['artifact']}",
+             f"format       {d['format']} {s['bits']}-bit g{s['group_size']} {'sym' if s['sym'] else 'asym'}"
+             f"{' act-order ' + s['act_order'] if s['act_order'] != 'none' else ''} ({s['algorithm']})",
+             f"model        {', '.join(d['model']['architectures'] or ['?'])}, {d['model']['layers']} layers, "
+             f"hidden {d['model']['hidden_size']}, {d['model']['dtype']}",
+             f"size         {d['sizes']['safetensors_bytes'] / mb:.1f} MiB, "
+             f"{d['sizes']['quantized_modules']} quantized Linears"]
+    q = d["quantizer"]
+    if q:
+        lines.append(f"quantizer    {', '.join(q.get('quantizer', []))} from {q.get('source_model')} @ "
+                     f"{q.get('source_revision')}; calibration {q.get('calibration')} ({q.get('calibration_hash')})")
+    for v in d["compatibility"]:
+        lines.append(f"{v['runtime']:<13}{v['path'] if v['ok'] else 'not loadable'}"
+                     + "".join(f"\n             - {n}" for n in v["notes"]))
+    p = (d.get("report") or {}).get("perplexity")
+    if p:
+        lines.append(f"perplexity   {p['fp16']:.3f} (fp16) -> {p['quantized']:.3f} (quantized), x{p['ratio']:.3f} "
+                     f"on {p['windows']} x {p['window_len']} tokens of {p['text']}")
+    return "\n".join(lines)
