@@ -37,7 +37,8 @@ class QuantConfig:
     static_groups: bool = False
     true_sequential: bool = True
     damp_percent: float = 0.01
-    awq_grid: int = 20               # AWQ scale-search candidates (half with duo scaling)
+    awq_grid: int = 20               # AWQ scale-search candidates
+    awq_duo: str = "duo"             # "duo": identity + duo-scaled ratios; "both": half each; "plain"
     awq_clip: bool = True            # AWQ weight-clipping search
     search_dtype: str = "auto"       # AWQ block forwards: auto = bfloat16 where it is fast, else float32
     batch_size: int = 8              # calibration samples per forward
@@ -430,7 +431,8 @@ def quantize_layer_awq(layer, hidden, kwargs, cfg: QuantConfig, dtype: torch.dty
             loss = BlockLoss(layer.get_submodule(sm.block), rel, calls.pop(sm.block), dtype)
         else:
             loss = hessian_loss(weights, H[first])
-        found = awq.search_scale(x_mean[first], weights, cfg.bits, cfg.group_size, loss, cfg.awq_grid)
+        duo = {"both": "both", "duo": True, "plain": False}[cfg.awq_duo]
+        found = awq.search_scale(x_mean[first], weights, cfg.bits, cfg.group_size, loss, cfg.awq_grid, duo)
         del loss
         s = found.scale.to(H[first].device)
         _fold(layer, sm, s, linears)

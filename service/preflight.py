@@ -101,7 +101,9 @@ def runtimes(s: Settings, shapes: set[tuple[int, int]]) -> list[Verdict]:
         tf = Verdict("transformers", True, "gptqmodel", tf_notes)
     elif s.format == "awq":
         vllm = Verdict("vllm", True, "awq (slower GEMM kernel)", marlin) if marlin else Verdict("vllm", True, "awq_marlin")
-        tf = Verdict("transformers", True, "gptqmodel (AWQ GEMM)")
+        tf = Verdict("transformers", True, "gptqmodel (AWQ GEMM)",
+                     [] if s.group_size in (32, 64, 128, 256) else
+                     [f"gptqmodel's CPU AWQ kernel takes group sizes 32, 64, 128 or 256, not {s.group_size}"])
     else:
         notes = marlin + ([] if s.sym else ["asymmetric weights need a vLLM whose WNA16 Marlin path takes zero points"])
         vllm = Verdict("vllm", not marlin, "compressed-tensors WNA16 (Marlin)" if not marlin else "none", notes)

@@ -50,6 +50,9 @@ def test_search_grid_includes_identity_and_both_modes():
     grid = awq.search_grid(20, "both")
     assert len(grid) == 20 and (0.0, False) in grid and {d for _, d in grid} == {False, True}
     assert grid[-1][0] == 1.0
+    default = awq.search_grid()
+    assert len(default) == 20 and default[0] == (0.0, False) and all(d for _, d in default[1:])
+    assert default[-1] == (1.0, True)
 
 
 def test_scale_search_never_loses_to_plain_rounding_and_prefers_salient_channels():

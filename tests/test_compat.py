@@ -300,3 +300,26 @@ def test_compressed_tensors_group_strategy_needs_whole_groups():
           "weight_shape": torch.tensor([192, 576])}
     with pytest.raises(ValueError, match="group_size"):
         PackedQuantizationCompressor.decompress(sd, scheme)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_awq_artifact_through_transformers_and_gptqmodel(tmp_path, arch):
+    """transformers loads our AWQ GEMM artifact through gptqmodel's AWQ kernel; its logits equal our
+    reader's up to fp16 arithmetic (a wrong interleave or a zero off by one gives errors of order 1)."""
+    _require_gptqmodel()
+    from transformers import AutoModelForCausalLM
+
+    from service.pipeline import save
+    model = tiny.tiny_model(arch)
+    cfg = QuantConfig(algorithm="awq", bits=4, group_size=32, sym=False)   # its CPU kernel takes 32/64/128/256
+    q, _ = quantize_model(model, tiny.calib(), cfg, "cpu")
+    out = save(tmp_path / "awq", model, None, q, cfg, "awq", {"quantizer": ["quantfarm:test"]})
+    ours, _, _ = load_artifact(out, with_tokenizer=False)
+    with _no_compile():
+        theirs = AutoModelForCausalLM.from_pretrained(out, device_map="cpu", dtype=torch.float16)
+        tokens = tiny.calib(4, 32, VOCAB, seed=7)
+        with torch.no_grad():
+            a = ours(input_ids=tokens).logits
+            b = theirs(input_ids=tokens).logits.float()
+    assert "Awq" in type(theirs.get_submodule(next(iter(q)))).__name__
+    assert ((a - b).norm() / a.norm()).item() < 3e-3

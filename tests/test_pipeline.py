@@ -15,8 +15,8 @@ def tiny_dir(tmp_path_factory):
 
 
 def spec(model, seed=0, **kw):
-    return JobSpec(model=model, group_size=32, calibration={"source": "model", "samples": 4, "seq_len": 32, "seed": seed},
-                   evaluation={"text": "model", "windows": 2, "window_len": 32}, **kw)
+    return JobSpec(model=model, calibration={"source": "model", "samples": 4, "seq_len": 32, "seed": seed},
+                   evaluation={"text": "model", "windows": 2, "window_len": 32}, **{"group_size": 32, **kw})
 
 
 def test_same_seed_gives_byte_identical_tensors(tiny_dir, tmp_path):
@@ -58,3 +58,30 @@ def test_resume_through_the_pipeline(tiny_dir, tmp_path):
     pipeline.run(spec(tiny_dir), tmp_path / "ref", device="cpu")
     assert done == [1]
     assert (tmp_path / "x" / "model.safetensors").read_bytes() == (tmp_path / "ref" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("algorithm, fmt", [("awq", "awq"), ("awq", "compressed-tensors"), ("gptq", "compressed-tensors")])
+def test_algorithm_and_format_combinations(tiny_dir, tmp_path, algorithm, fmt):
+    s = spec(tiny_dir, algorithm=algorithm, format=fmt, **({"sym": False} if fmt == "awq" else {}))
+    r = pipeline.run(s, tmp_path / "art", device="cpu")
+    qc = json.loads((tmp_path / "art" / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == {"awq": "awq", "compressed-tensors": "compressed-tensors"}[fmt]
+    assert qc["meta"]["algorithm"] == algorithm
+    assert r.preflight["writable"] and {v["runtime"] for v in r.preflight["runtimes"]} == {"vllm", "transformers"}
+    assert r.perplexity["quantized"] > 0                 # evaluated from the artifact as read back
+    if fmt == "awq":
+        assert (tmp_path / "art" / "quant_config.json").exists()
+    report = json.loads((tmp_path / "art" / "report.json").read_text())
+    assert report["preflight"]["settings"]["format"] == fmt
+
+
+def test_awq_spec_defaults_and_refusals(tiny_dir, tmp_path):
+    cfg = JobSpec(model="m", algorithm="awq").quant_config()
+    assert (cfg.sym, cfg.desc_act, cfg.static_groups) == (False, False, False)
+    assert JobSpec(model="m").quant_config().sym is True
+    with pytest.raises(ValueError, match="zero points"):
+        JobSpec(model="m", algorithm="awq", sym=True)
+    from service.errors import SpecError
+    with pytest.raises(SpecError, match="multiple of the group size"):      # 64-wide tiny Linears, g48
+        pipeline.run(spec(tiny_dir, algorithm="awq", format="awq", group_size=48), tmp_path / "x", device="cpu")
+    assert not (tmp_path / "x").exists()
