@@ -10,6 +10,11 @@ Linears that read the same input tensor (q/k/v, gate/up) share one Hessian and a
 one row-concatenated matrix. With true_sequential each such group is quantized before the inputs
 of the next group are collected, so o_proj sees the output of the quantized q/k/v, and so on;
 the forward stops early (StopForward) once the group being collected has seen its input.
+
+AWQ takes one full forward per layer instead (Hessians, mean |x| and the calls into each scored
+block), then searches a scale per group and folds it into the op that produced the group's input
+(a norm, found by tensor identity, or v -> o / up -> down), clips and quantizes; awq.py holds the
+math, this file the model plumbing.
 """
 import copy
 import time

@@ -234,3 +234,19 @@ def test_preflight_wide_shapes():
     assert any("4-bit" in x for x in p)
     _, p = verdicts("compressed-tensors", "gptq", 4, 128, True, WIDE, "dynamic")
     assert any("act-order" in x for x in p)
+
+
+def test_preflight_on_a_4096_wide_model_config():
+    """Shapes read from a model (built on the meta device: no memory) of Mistral-7B's widths."""
+    import transformers as tf
+    cfg = tf.MistralConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=1, num_attention_heads=32,
+                           num_key_value_heads=8, vocab_size=32768)
+    with torch.device("meta"):
+        model = tf.AutoModelForCausalLM.from_config(cfg)
+    shapes = preflight.model_shapes(model)
+    assert shapes == {(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)}
+    report = preflight.report(preflight.Settings("awq", "awq", 4, 128, False), shapes)
+    assert report["writable"] and report["runtimes"][0]["path"] == "awq_marlin"
+    report = preflight.report(preflight.Settings("compressed-tensors", "gptq", 4, 256, True, "static"), shapes)
+    assert report["writable"] and not report["runtimes"][0]["ok"]          # 256 is no Marlin group size
+    assert any("group size 256" in n for n in report["runtimes"][0]["notes"])
