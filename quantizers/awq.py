@@ -27,12 +27,12 @@ def _group_width(in_features: int, group_size: int) -> int:
     return gs
 
 
-def zero_point_grid(Wg: torch.Tensor, bits: int):
-    """Scale and zero for each row of Wg [..., gs]: scale = (max - min) / maxq rounded to float16,
-    zero = clamp(-round(min / scale), 0, maxq)."""
+def zero_point_grid(Wg: torch.Tensor, bits: int, scale_dtype: torch.dtype = torch.float16):
+    """Scale and zero for each row of Wg [..., gs]: scale = (max - min) / maxq rounded to the
+    checkpoint's scale dtype, zero = clamp(-round(min / scale), 0, maxq)."""
     maxq = 2 ** bits - 1
     xmax, xmin = Wg.amax(-1), Wg.amin(-1)
-    scale = ((xmax - xmin).clamp(min=1e-5) / maxq).to(torch.float16).float().clamp(min=SCALE_MIN)
+    scale = ((xmax - xmin).clamp(min=1e-5) / maxq).to(scale_dtype).float().clamp(min=SCALE_MIN)
     zero = (-torch.round(xmin / scale)).clamp(0, maxq)
     return scale, zero
 
@@ -46,11 +46,12 @@ def fake_quantize(W: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     return ((q - zero[..., None]) * scale[..., None]).reshape(out_f, in_f)
 
 
-def quantize_weight(W: torch.Tensor, bits: int, group_size: int) -> QuantizedWeight:
+def quantize_weight(W: torch.Tensor, bits: int, group_size: int,
+                    scale_dtype: torch.dtype = torch.float16) -> QuantizedWeight:
     """The final zero-point quantization of (already scaled and clipped) W [out, in]."""
     out_f, in_f = W.shape
     Wg = W.float().reshape(out_f, -1, _group_width(in_f, group_size))
-    scale, zero = zero_point_grid(Wg, bits)
+    scale, zero = zero_point_grid(Wg, bits, scale_dtype)
     q = torch.clamp(torch.round(Wg / scale[..., None]) + zero[..., None], 0, 2 ** bits - 1)
     return QuantizedWeight(q.reshape(out_f, in_f).to(torch.uint8), scale.t().contiguous(),
                            zero.t().to(torch.int32).contiguous(), group_index(in_f, group_size, W.device),

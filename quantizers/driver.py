@@ -46,6 +46,7 @@ class QuantConfig:
     awq_duo: str = "duo"             # "duo": identity + duo-scaled ratios; "both": half each; "plain"
     awq_clip: bool = True            # AWQ weight-clipping search
     search_dtype: str = "auto"       # AWQ block forwards: auto = bfloat16 where it is fast, else float32
+    scale_dtype: str = "float16"     # dtype the checkpoint stores scales in (compressed-tensors: the model's)
     batch_size: int = 8              # calibration samples per forward
 
     def key(self) -> dict:
@@ -200,10 +201,10 @@ def quantize_group(linears: list[nn.Linear], H: torch.Tensor | None, cfg: QuantC
     W = torch.cat([m.weight.float() for m in linears])
     if cfg.algorithm == "gptq":
         qw, stats = gptq.quantize_weight(W, H, cfg.bits, cfg.group_size, cfg.sym, cfg.desc_act,
-                                         cfg.static_groups, cfg.damp_percent)
+                                         cfg.static_groups, cfg.damp_percent, scale_dtype=getattr(torch, cfg.scale_dtype))
         info = {"loss": stats.loss, "rel_error": stats.rel_error, "damp": stats.damp}
     elif cfg.algorithm == "rtn":
-        qw = rtn.quantize_weight(W, cfg.bits, cfg.group_size, cfg.sym)
+        qw = rtn.quantize_weight(W, cfg.bits, cfg.group_size, cfg.sym, getattr(torch, cfg.scale_dtype))
         info = {}
         if H is not None:
             E = qw.dequantize() - W
@@ -451,7 +452,7 @@ def quantize_layer_awq(layer, hidden, kwargs, cfg: QuantConfig, dtype: torch.dty
             W = linears[n].weight.float()
             clip = cfg.awq_clip and n.rpartition(".")[2] not in QUERY_KEY
             qw = awq.quantize_weight(awq.search_clip(W, H[g[0]], cfg.bits, cfg.group_size) if clip else W,
-                                     cfg.bits, cfg.group_size)
+                                     cfg.bits, cfg.group_size, getattr(torch, cfg.scale_dtype))
             Q = qw.dequantize()
             info[n]["rel_error"] = gptq.relative_error(W, Q, H[g[0]])
             linears[n].weight.data = Q.to(linears[n].weight.dtype)

@@ -46,7 +46,7 @@ def hessian_inverse_factor(H: torch.Tensor, damp_percent: float):
 
 def quantize_weight(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bool = True,
                     desc_act: bool = False, static_groups: bool = False, damp_percent: float = 0.01,
-                    block_size: int = 128) -> tuple[QuantizedWeight, GPTQStats]:
+                    block_size: int = 128, scale_dtype: torch.dtype = torch.float16) -> tuple[QuantizedWeight, GPTQStats]:
     """GPTQ-quantize W [out, in] against H [in, in]. Returns the quantized weight and its statistics.
 
     desc_act processes columns by descending diag(H) and forms groups in that order (non-monotonic
@@ -67,7 +67,7 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size:
 
     static = None
     if static_groups and group_size != -1:
-        static = [grid_params(W[:, g * gs:(g + 1) * gs], bits, sym) for g in range(group_count(in_f, gs))]
+        static = [grid_params(W[:, g * gs:(g + 1) * gs], bits, sym, scale_dtype) for g in range(group_count(in_f, gs))]
 
     perm = torch.argsort(torch.diag(H), descending=True) if desc_act else None
     if perm is not None:
@@ -81,7 +81,7 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size:
     made = []                      # (scale, zero) in group creation order
     scale = zero = None
     if group_size == -1:
-        scale, zero = grid_params(W, bits, sym)
+        scale, zero = grid_params(W, bits, sym, scale_dtype)
         made.append((scale, zero))
     orig = perm.tolist() if perm is not None else range(in_f)
 
@@ -101,7 +101,7 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size:
             if static is not None:
                 scale, zero = static[orig[col] // gs]
             elif group_size != -1 and col % gs == 0:
-                scale, zero = grid_params(W1[i:i + gs].t(), bits, sym)
+                scale, zero = grid_params(W1[i:i + gs].t(), bits, sym, scale_dtype)
                 made.append((scale, zero))
             w = W1[i]
             q = quantize_codes(w, scale, zero, maxq)

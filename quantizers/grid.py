@@ -41,8 +41,9 @@ class QuantizedWeight:
                                self.g_idx, self.bits, self.group_size, self.sym)
 
 
-def grid_params(W: torch.Tensor, bits: int, sym: bool):
-    """Scale and zero per row of W [rows, cols] (one group). Returns float32 [rows], float32 [rows]."""
+def grid_params(W: torch.Tensor, bits: int, sym: bool, scale_dtype: torch.dtype = torch.float16):
+    """Scale and zero per row of W [rows, cols] (one group). Returns float32 [rows], float32 [rows];
+    the scale is exact in `scale_dtype`, the dtype the checkpoint stores it in."""
     maxq = 2 ** bits - 1
     xmin = W.min(1).values.clamp(max=0)
     xmax = W.max(1).values.clamp(min=0)
@@ -52,7 +53,7 @@ def grid_params(W: torch.Tensor, bits: int, sym: bool):
     empty = (xmin == 0) & (xmax == 0)
     xmin = torch.where(empty, -1.0, xmin)
     xmax = torch.where(empty, 1.0, xmax)
-    scale = ((xmax - xmin) / maxq).to(torch.float16).float().clamp(min=SCALE_MIN)
+    scale = ((xmax - xmin) / maxq).to(scale_dtype).float().clamp(min=SCALE_MIN)
     if sym:
         zero = torch.full_like(scale, (maxq + 1) // 2)
     else:

@@ -4,7 +4,8 @@ import torch
 from .grid import QuantizedWeight, grid_params, group_count, group_index, quantize_codes
 
 
-def quantize_weight(W: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bool = True) -> QuantizedWeight:
+def quantize_weight(W: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bool = True,
+                    scale_dtype: torch.dtype = torch.float16) -> QuantizedWeight:
     """Quantize W [out, in] group by group, no data needed."""
     W = W.float()
     out_f, in_f = W.shape
@@ -16,7 +17,7 @@ def quantize_weight(W: torch.Tensor, bits: int = 4, group_size: int = 128, sym: 
     codes = torch.empty(out_f, in_f, dtype=torch.uint8, device=W.device)
     for g in range(G):
         cols = slice(g * gs, min((g + 1) * gs, in_f))
-        s, z = grid_params(W[:, cols], bits, sym)
+        s, z = grid_params(W[:, cols], bits, sym, scale_dtype)
         scales[g], zeros[g] = s, z
         codes[:, cols] = quantize_codes(W[:, cols], s[:, None], z[:, None], maxq).to(torch.uint8)
     return QuantizedWeight(codes, scales, zeros.to(torch.int32), group_index(in_f, group_size, W.device),

@@ -3,6 +3,7 @@
 The CLI's `quantize` and (later) the job workers both call `run`; the steps report progress
 through callbacks so each front end shows it its own way.
 """
+import dataclasses
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -74,6 +75,13 @@ def settings(spec_or_cfg: QuantConfig, fmt: str) -> preflight.Settings:
     return preflight.Settings(fmt, c.algorithm, c.bits, c.group_size, c.sym, act)
 
 
+def with_scale_dtype(cfg: QuantConfig, fmt: str, model) -> QuantConfig:
+    """compressed-tensors stores scales in the model's dtype, GPTQ and AWQ in float16: the grids
+    round scales to that dtype before choosing codes, so the artifact holds exactly what was computed."""
+    dtype = artifact.storage_dtype(model) if fmt == "compressed-tensors" else torch.float16
+    return dataclasses.replace(cfg, scale_dtype=str(dtype).removeprefix("torch."))
+
+
 def quantization_config(cfg: QuantConfig, fmt: str, meta: dict) -> tuple[dict, dict]:
     """(config.json's quantization_config, {side file name: content}) for a format."""
     if fmt == "gptq":
@@ -116,7 +124,7 @@ def run(spec: JobSpec, out_dir, *, device: str = "auto", state_dir=None, overwri
     revision = src.revision or src.content_hash
     model, tokenizer = load_model(src, dtype=torch.float32 if dev.type == "cpu" else torch.bfloat16)
     round_to_storage(model)
-    cfg = spec.quant_config()
+    cfg = with_scale_dtype(spec.quant_config(), spec.format, model)
     shapes = preflight.model_shapes(model)
     preflight.refuse_unwritable(settings(cfg, spec.format), shapes)     # before any quantization work
     checks = preflight.report(settings(cfg, spec.format), shapes)

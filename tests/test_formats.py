@@ -250,3 +250,22 @@ def test_preflight_on_a_4096_wide_model_config():
     report = preflight.report(preflight.Settings("compressed-tensors", "gptq", 4, 256, True, "static"), shapes)
     assert report["writable"] and not report["runtimes"][0]["ok"]          # 256 is no Marlin group size
     assert any("group size 256" in n for n in report["runtimes"][0]["notes"])
+
+
+@pytest.mark.parametrize("algorithm", ["gptq", "awq", "rtn"])
+def test_ct_scales_exact_for_a_bfloat16_model(tmp_path, algorithm):
+    """compressed-tensors keeps scales in the model dtype: for a bfloat16 model the grid rounds scales
+    to bfloat16 before choosing codes, so the artifact dequantizes to exactly the computed weights."""
+    from service.pipeline import with_scale_dtype
+    model = tiny.tiny_model("llama")
+    model.config.dtype = torch.bfloat16
+    base = QuantConfig(algorithm=algorithm, bits=4, group_size=GS, sym=algorithm != "awq")
+    cfg = with_scale_dtype(base, "compressed-tensors", model)
+    assert cfg.scale_dtype == "bfloat16" and with_scale_dtype(base, "awq", model).scale_dtype == "float16"
+    q, _ = quantize_model(model, tiny.calib() if algorithm != "rtn" else None, cfg)
+    out = save(tmp_path / "ct", model, None, q, cfg, "compressed-tensors", {})
+    t = read_tensors(out)
+    assert all(v.dtype == torch.bfloat16 for k, v in t.items() if k.endswith("weight_scale"))
+    loaded, _, _ = load_artifact(out, with_tokenizer=False)
+    for name, qw in q.items():
+        assert torch.equal(loaded.get_submodule(name).weight, qw.dequantize()), name
