@@ -2,9 +2,9 @@
 
 Conventions are those of FORMATS.md §1 (the GPTQ reference quantizer): maxq = 2**bits - 1,
 scale = (xmax - xmin) / maxq with xmin <= 0 <= xmax; sym puts the zero at (maxq + 1) / 2;
-asym rounds it to round(-xmin / scale). Scales are rounded to float16 *before* the codes are
-chosen, so the artifact (which stores float16 scales) holds exactly the weights the algorithm
-propagated through later layers.
+asym rounds it to round(-xmin / scale). Scales are rounded to the checkpoint's scale dtype
+(float16; compressed-tensors: the model's) *before* the codes are chosen, so the artifact holds
+exactly the weights the algorithm propagated through later layers.
 """
 from dataclasses import dataclass
 
@@ -17,7 +17,7 @@ SCALE_MIN = 2.0 ** -24  # smallest float16 subnormal: a scale never rounds to ze
 class QuantizedWeight:
     """One Linear's quantized weight, layout-neutral.
 
-    codes [out, in] uint8 in [0, maxq]; scales [G, out] float32 (float16-exact); zeros [G, out]
+    codes [out, in] uint8 in [0, maxq]; scales [G, out] float32 (exact in the scale dtype); zeros [G, out]
     int32; g_idx [in] int32 maps each input channel to its group (rows of scales/zeros).
     Dequantized: W[n, k] = scales[g_idx[k], n] * (codes[n, k] - zeros[g_idx[k], n]).
     """
