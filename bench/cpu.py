@@ -65,7 +65,8 @@ def run_ours(a):
     gptq = a.algorithm == "gptq"
     cfg = QuantConfig(algorithm=a.algorithm, bits=a.bits, group_size=a.group_size, sym=gptq,
                       desc_act=gptq and a.act_order != "none", static_groups=gptq and a.act_order == "static",
-                      true_sequential=not a.no_true_sequential)
+                      true_sequential=not a.no_true_sequential, awq_duo=a.awq_duo, awq_clip=not a.no_clip,
+                      search_dtype=a.search_dtype)
     wall, cpu = time.perf_counter(), time.process_time()
     q, reports = quantize_model(model, tokens, cfg, "cpu")
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
@@ -77,6 +78,8 @@ def run_ours(a):
     print("RESULT " + json.dumps({
         "tool": "quantfarm", "algorithm": a.algorithm, "bits": cfg.bits, "group_size": cfg.group_size,
         "desc_act": cfg.desc_act, "static_groups": cfg.static_groups, "true_sequential": cfg.true_sequential,
+        **({"awq_duo": cfg.awq_duo, "awq_clip": cfg.awq_clip, "search_dtype": cfg.search_dtype}
+           if a.algorithm == "awq" else {}),
         "n_samples": int(tokens.shape[0]), "seq_len": int(tokens.shape[1]), "threads": torch.get_num_threads(),
         "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "peak_rss_mb": round(peak, 1),
         "ppl": ppl, "baseline_ppl": base}), flush=True)
@@ -101,6 +104,9 @@ def main():
     p.add_argument("--act-order", choices=["static", "dynamic", "none"], default="static",
                    help="static is quantfarm's default and llm-compressor's (actorder static)")
     p.add_argument("--no-true-sequential", action="store_true")
+    p.add_argument("--awq-duo", choices=["duo", "both", "plain"], default="duo", help="AWQ scale grid")
+    p.add_argument("--no-clip", action="store_true", help="AWQ without the clipping search")
+    p.add_argument("--search-dtype", default="auto", help="AWQ block forwards: auto | float32 | bfloat16")
     p.add_argument("--windows", type=int, default=32)
     p.add_argument("--window-len", type=int, default=512)
     p.add_argument("--peer-python", help="python of a venv with llmcompressor (ANCHORS.md says how to make one)")
@@ -112,7 +118,8 @@ def main():
     work = Path(a.work or tempfile.mkdtemp(prefix="qf-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     _, calib_hash = prepare(work, a.samples, a.seq_len, a.seed)
-    flags = ["--act-order", a.act_order] + (["--no-true-sequential"] if a.no_true_sequential else [])
+    flags = ["--act-order", a.act_order, "--awq-duo", a.awq_duo, "--search-dtype", a.search_dtype] + \
+        (["--no-true-sequential"] if a.no_true_sequential else []) + (["--no-clip"] if a.no_clip else [])
     common = ["--windows", str(a.windows), "--window-len", str(a.window_len)]
     ours = child([sys.executable, __file__, "--ours-only", "--work", str(work), "--algorithm", a.algorithm,
                   "--bits", str(a.bits),

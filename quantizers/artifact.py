@@ -194,7 +194,7 @@ def quantized_weights(tensors: dict[str, torch.Tensor], qc: dict) -> dict[str, Q
         w = groups[0]["weights"]
         gs = -1 if w.get("strategy") == "channel" else w["group_size"]
         decode = lambda t: ct_format.from_tensors(t, w["num_bits"], gs, w["symmetric"])  # noqa: E731
-        names, marker = ct_format.TENSORS + (() if w["symmetric"] else ("weight_zero_point",)), "weight_packed"
+        names, marker = ct_format.tensor_names(w["symmetric"]), "weight_packed"
     else:
         raise ArtifactError(f"cannot read quant_method {method!r}")
     out = {}

@@ -66,17 +66,19 @@ def weight_mean(W: torch.Tensor, group_size: int) -> torch.Tensor:
     return a.reshape(out_f, in_f).mean(0)
 
 
-def search_grid(n_grid: int = 20, duo: str | bool = True) -> list[tuple[float, bool]]:
+def search_grid(n_grid: int = 20, duo: str = "duo") -> list[tuple[float, bool]]:
     """(ratio, duo) candidates, always with (0, False), the identity scale, so the search never does
-    worse than plain rounding. True: the identity plus n_grid - 1 duo-scaled ratios on [0, 1] (the
+    worse than plain rounding. "duo": the identity plus n_grid - 1 duo-scaled ratios on [0, 1] (the
     default: on SmolLM2 its finer ratio steps beat "both", n_grid // 2 ratios with and without duo
-    scaling, by 0.6 perplexity; BENCHMARKS.md); False: plain activation scaling only."""
+    scaling, by 0.6 perplexity; BENCHMARKS.md); "plain": activation scaling only."""
     if duo == "both":
         n = max(n_grid // 2, 2)
         return [(i / (n - 1), d) for i in range(n) for d in (False, True)]
-    if duo:
+    if duo == "duo":
         return [(0.0, False)] + [(i / (n_grid - 2), True) for i in range(n_grid - 1)]
-    return [(i / (n_grid - 1), False) for i in range(n_grid)]
+    if duo == "plain":
+        return [(i / (n_grid - 1), False) for i in range(n_grid)]
+    raise ValueError(f"AWQ grid {duo!r}: one of duo, both, plain")
 
 
 def candidate_scale(x_mean: torch.Tensor, w_mean: torch.Tensor | None, ratio: float, duo: bool) -> torch.Tensor:
@@ -99,7 +101,7 @@ class ScaleSearch:
 
 def search_scale(x_mean: torch.Tensor, weights: Sequence[torch.Tensor], bits: int, group_size: int,
                  block_loss: Callable[[list[torch.Tensor]], float], n_grid: int = 20,
-                 duo: str | bool = True) -> ScaleSearch:
+                 duo: str = "duo") -> ScaleSearch:
     """The per-input-channel scale minimising block_loss([Q(W_i * s) / s for each W_i])."""
     x_mean = x_mean.float()
     w_mean = weight_mean(torch.cat([w.float() for w in weights]), group_size)

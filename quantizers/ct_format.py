@@ -11,6 +11,11 @@ from .packing import pack_cols, pack_rows, unpack_cols, unpack_rows
 TENSORS = ("weight_packed", "weight_scale", "weight_shape")
 
 
+def tensor_names(sym: bool) -> tuple[str, ...]:
+    """The tensors one Linear has: zero points only when asymmetric."""
+    return TENSORS if sym else TENSORS + ("weight_zero_point",)
+
+
 def check_writable(bits: int, group_size: int, in_features: int, monotonic: bool = True):
     if bits not in (2, 4, 8):
         raise SpecError(f"compressed-tensors pack-quantized is written for 2, 4 or 8 bits here, not {bits}")
@@ -36,7 +41,7 @@ def to_tensors(qw: QuantizedWeight, scale_dtype: torch.dtype) -> dict[str, torch
 
 
 def from_tensors(t: dict[str, torch.Tensor], bits: int, group_size: int, sym: bool) -> QuantizedWeight:
-    missing = [k for k in TENSORS + (() if sym else ("weight_zero_point",)) if k not in t]
+    missing = [k for k in tensor_names(sym) if k not in t]
     if missing:
         raise ArtifactError(f"compressed-tensors module is missing tensors {missing}")
     out_f, in_f = (int(x) for x in t["weight_shape"])

@@ -205,10 +205,7 @@ def quantize_group(linears: list[nn.Linear], H: torch.Tensor | None, cfg: QuantC
         info = {"loss": stats.loss, "rel_error": stats.rel_error, "damp": stats.damp}
     elif cfg.algorithm == "rtn":
         qw = rtn.quantize_weight(W, cfg.bits, cfg.group_size, cfg.sym, getattr(torch, cfg.scale_dtype))
-        info = {}
-        if H is not None:
-            E = qw.dequantize() - W
-            info["rel_error"] = (torch.sum((E @ H) * E) / torch.sum((W @ H) * W).clamp(min=1e-30)).item()
+        info = {} if H is None else {"rel_error": gptq.relative_error(W, qw.dequantize(), H)}
     else:
         raise QuantizationError(f"algorithm {cfg.algorithm!r} is not implemented in this driver")
     out, start = [], 0
@@ -307,9 +304,9 @@ def smoothing_plan(layer, groups: list[list[str]], hidden, kwargs) -> list[Smoot
             continue
         base, _, leaf = g[0].rpartition(".")
         for producer, parts in LINEAR_PRODUCERS.get(leaf, ()) if len(g) == 1 else ():
-            p = linears.get(f"{base}.{producer}" if base else producer)
-            if p is not None and p.out_features == parts * in_f:
-                plan.append(Smoothing(g, f"{base}.{producer}" if base else producer, False))
+            name = f"{base}.{producer}" if base else producer
+            if name in linears and linears[name].out_features == parts * in_f:
+                plan.append(Smoothing(g, name, False))
                 break
     return plan
 
@@ -437,8 +434,7 @@ def quantize_layer_awq(layer, hidden, kwargs, cfg: QuantConfig, dtype: torch.dty
             loss = BlockLoss(layer.get_submodule(sm.block), rel, calls.pop(sm.block), dtype)
         else:
             loss = hessian_loss(weights, H[first])
-        duo = {"both": "both", "duo": True, "plain": False}[cfg.awq_duo]
-        found = awq.search_scale(x_mean[first], weights, cfg.bits, cfg.group_size, loss, cfg.awq_grid, duo)
+        found = awq.search_scale(x_mean[first], weights, cfg.bits, cfg.group_size, loss, cfg.awq_grid, cfg.awq_duo)
         del loss
         s = found.scale.to(H[first].device)
         _fold(layer, sm, s, linears)
@@ -480,6 +476,7 @@ def quantize_model(model, tokens: torch.Tensor | None, cfg: QuantConfig, device=
     device = torch.device(device)
     layers = decoder_layers(model)
     prefix = _module_names(model, layers)
+    block_dtype = search_dtype(cfg.search_dtype, device) if cfg.algorithm == "awq" else None
     needs_data = cfg.algorithm != "rtn"
     if needs_data and tokens is None:
         raise QuantizationError(f"{cfg.algorithm} needs calibration tokens")
@@ -512,7 +509,7 @@ def quantize_model(model, tokens: torch.Tensor | None, cfg: QuantConfig, device=
         linears = _linears(layer)
         layer_results, report = {}, LayerReport(i, 0.0)
         if cfg.algorithm == "awq":
-            res, report.modules = quantize_layer_awq(layer, hidden, kwargs, cfg, search_dtype(cfg.search_dtype, device))
+            res, report.modules = quantize_layer_awq(layer, hidden, kwargs, cfg, block_dtype)
             layer_results = {f"{prefix[i]}.{n}": qw for n, qw in res.items()}
             hidden = [_run_layer(layer, h, kw) for h, kw in zip(hidden, kwargs)]
         elif needs_data:

@@ -61,17 +61,18 @@ def describe(path) -> dict:
     s = settings_of(qc)
     headers = _headers(folder)
     shapes = quantized_shapes(headers, s)
+    checks = preflight.report(s, set(shapes.values()))
     d = {
         "artifact": str(folder.resolve()),
         "format": s.format,
         "quantization_config": {k: v for k, v in qc.items() if k != "meta"},
-        "settings": preflight.report(s, set(shapes.values()))["settings"],
+        "settings": checks["settings"],
         "quantizer": qc.get("meta", {}),
         "model": {"architectures": config.get("architectures"), "layers": config.get("num_hidden_layers"),
                   "hidden_size": config.get("hidden_size"), "dtype": config.get("dtype") or config.get("torch_dtype")},
         "sizes": {"safetensors_bytes": sum(f.stat().st_size for f in folder.glob("*.safetensors")),
                   "quantized_modules": len(shapes), "tensors": len(headers)},
-        "compatibility": preflight.report(s, set(shapes.values()))["runtimes"],
+        "compatibility": checks["runtimes"],
     }
     rep = folder / "report.json"
     if rep.exists():

@@ -69,10 +69,9 @@ def round_to_storage(model) -> torch.dtype:
     return dtype
 
 
-def settings(spec_or_cfg: QuantConfig, fmt: str) -> preflight.Settings:
-    c = spec_or_cfg
-    act = "none" if not c.desc_act else ("static" if c.static_groups else "dynamic")
-    return preflight.Settings(fmt, c.algorithm, c.bits, c.group_size, c.sym, act)
+def settings(cfg: QuantConfig, fmt: str) -> preflight.Settings:
+    act = "none" if not cfg.desc_act else ("static" if cfg.static_groups else "dynamic")
+    return preflight.Settings(fmt, cfg.algorithm, cfg.bits, cfg.group_size, cfg.sym, act)
 
 
 def with_scale_dtype(cfg: QuantConfig, fmt: str, model) -> QuantConfig:
@@ -125,9 +124,8 @@ def run(spec: JobSpec, out_dir, *, device: str = "auto", state_dir=None, overwri
     model, tokenizer = load_model(src, dtype=torch.float32 if dev.type == "cpu" else torch.bfloat16)
     round_to_storage(model)
     cfg = with_scale_dtype(spec.quant_config(), spec.format, model)
-    shapes = preflight.model_shapes(model)
-    preflight.refuse_unwritable(settings(cfg, spec.format), shapes)     # before any quantization work
-    checks = preflight.report(settings(cfg, spec.format), shapes)
+    checks = preflight.report(settings(cfg, spec.format), preflight.model_shapes(model))
+    preflight.refuse_unwritable(checks)                                 # before any quantization work
     notes = [f"{v['runtime']}: {n}" for v in checks["runtimes"] for n in v["notes"]]
     size_before = sum(p.numel() for p in model.parameters()) * 2
     times["load"] = time.perf_counter() - t0

@@ -56,10 +56,12 @@ def problems(s: Settings, shapes: set[tuple[int, int]]) -> list[str]:
     return out
 
 
-def refuse_unwritable(s: Settings, shapes: set[tuple[int, int]]):
-    p = problems(s, shapes)
-    if p:
-        raise SpecError(f"cannot write {s.algorithm} results as {s.format} {s.bits}-bit g{s.group_size}: " + "; ".join(p))
+def refuse_unwritable(checks: dict):
+    """Raise with every reason when `report(...)` found the settings unwritable."""
+    if not checks["writable"]:
+        s = checks["settings"]
+        raise SpecError(f"cannot write {s['algorithm']} results as {s['format']} {s['bits']}-bit g{s['group_size']}: "
+                        + "; ".join(checks["problems"]))
 
 
 def _widths(shapes, gs) -> list[int]:
@@ -112,7 +114,8 @@ def runtimes(s: Settings, shapes: set[tuple[int, int]]) -> list[Verdict]:
 
 
 def report(s: Settings, shapes: set[tuple[int, int]]) -> dict:
-    return {"settings": asdict(s), "writable": not problems(s, shapes), "problems": problems(s, shapes),
+    p = problems(s, shapes)
+    return {"settings": asdict(s), "writable": not p, "problems": p,
             "runtimes": [asdict(v) for v in runtimes(s, shapes)]}
 
 

@@ -218,7 +218,7 @@ def test_preflight_smollm2_shapes():
     v, p = verdicts("awq", "awq", 4, 64, False, SMOL)
     assert not p and v["vllm"].path.startswith("awq (slower")     # 192 and 576 are not multiples of 64/128
     with pytest.raises(SpecError, match="group_size"):
-        preflight.refuse_unwritable(preflight.Settings("awq", "awq", 4, 128, False), SMOL)
+        preflight.refuse_unwritable(preflight.report(preflight.Settings("awq", "awq", 4, 128, False), SMOL))
 
 
 def test_preflight_wide_shapes():
