@@ -465,13 +465,16 @@ def _layer_state(layer, prefix: str) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def quantize_model(model, tokens: torch.Tensor | None, cfg: QuantConfig, device="cpu", checkpoint_dir=None,
                    recipe: dict | None = None, on_layer: Callable[[LayerReport, int], None] | None = None,
-                   should_stop: Callable[[], bool] | None = None, replay_bytes: int = 4 * 2 ** 30):
+                   should_stop: Callable[[], bool] | None = None, replay_bytes: int = 4 * 2 ** 30,
+                   on_group: Callable[[int, list[str], torch.Tensor, torch.Tensor, dict], None] | None = None):
     """Quantize every Linear inside the decoder layers of `model` (in place: their weights become
     the dequantized values). lm_head and embeddings stay 16-bit.
 
     Returns ({full module name: QuantizedWeight}, [LayerReport]). `tokens` [n, seq] are the
     calibration blocks (None for rtn). With `checkpoint_dir` the run resumes from completed layers.
     `replay_bytes` bounds the memory spent on replaying frozen modules' outputs (replay.py).
+    `on_group(layer, names, W, H, info)` sees each GPTQ group's float weight and Hessian (bench/gpu.py
+    checks them against the reference loop).
     """
     device = torch.device(device)
     layers = decoder_layers(model)
@@ -520,9 +523,12 @@ def quantize_model(model, tokens: torch.Tensor | None, cfg: QuantConfig, device=
                 for stage in stages:
                     Hs = collect_hessians(layer, stage, hidden, kwargs, device, replay)
                     for g in stage:
+                        W = torch.cat([linears[n].weight.float() for n in g]) if on_group else None
                         for n, (qw, info) in zip(g, quantize_group([linears[n] for n in g], Hs[g[0]], cfg)):
                             layer_results[f"{prefix[i]}.{n}"] = qw
                             report.modules[n] = info
+                        if on_group:
+                            on_group(i, g, W, Hs[g[0]], info)
                         replay.freeze(linears[n] for n in g)
                     del Hs
                 hidden = run_layer_batches(layer, hidden, kwargs, replay)

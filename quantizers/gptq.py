@@ -46,12 +46,15 @@ def hessian_inverse_factor(H: torch.Tensor, damp_percent: float):
 
 def quantize_weight(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bool = True,
                     desc_act: bool = False, static_groups: bool = False, damp_percent: float = 0.01,
-                    block_size: int = 128, scale_dtype: torch.dtype = torch.float16) -> tuple[QuantizedWeight, GPTQStats]:
+                    block_size: int = 128, scale_dtype: torch.dtype = torch.float16,
+                    kernel: str = "auto") -> tuple[QuantizedWeight, GPTQStats]:
     """GPTQ-quantize W [out, in] against H [in, in]. Returns the quantized weight and its statistics.
 
     desc_act processes columns by descending diag(H) and forms groups in that order (non-monotonic
     g_idx); static_groups takes every group's grid from the unmodified weights in natural order, so
     g_idx stays c // group_size even under desc_act. Dead inputs (diag(H) == 0) get zero weights.
+    kernel: "auto" runs the column loop as one Triton kernel per block on CUDA and in torch
+    elsewhere; "torch" or "triton" forces one (Triton on CPU tensors needs TRITON_INTERPRET=1).
     """
     W = W.detach().float().clone()
     H = H.detach().float().clone()
@@ -76,20 +79,42 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size:
     del H
 
     codes = torch.zeros(out_f, in_f, dtype=torch.uint8, device=W.device)
-    loss = torch.zeros((), device=W.device)
     g_idx = torch.zeros(in_f, dtype=torch.int32, device=W.device)
     made = []                      # (scale, zero) in group creation order
-    scale = zero = None
     if group_size == -1:
-        scale, zero = grid_params(W, bits, sym, scale_dtype)
-        made.append((scale, zero))
-    orig = perm.tolist() if perm is not None else range(in_f)
+        made.append(grid_params(W, bits, sym, scale_dtype))
+    orig = perm if perm is not None else torch.arange(in_f, device=W.device)
+    use_triton = kernel == "triton" or (kernel == "auto" and W.is_cuda)
+    blocks = _column_blocks_triton if use_triton else _column_blocks_torch
+    loss = blocks(W, Hinv, codes, made, static, orig, bits, gs if group_size != -1 else -1, sym, block_size,
+                  scale_dtype)
 
-    # Blocks are whole multiples of the group size, so each new group's grid is taken from the
-    # block's up-to-date columns (earlier in-block errors already applied). The block is held
-    # transposed so a column is a contiguous row; per column only the rounding and the rank-1
-    # update run, codes and errors are stored and reduced per block.
-    B = block_size if group_size == -1 else gs * max(1, -(-block_size // gs))
+    if static is not None:
+        made = static
+        g_idx = torch.arange(in_f, dtype=torch.int32, device=W.device) // gs
+    elif group_size != -1:
+        g_idx[orig] = torch.arange(in_f, dtype=torch.int32, device=W.device) // gs
+    if perm is not None:
+        codes = codes[:, torch.argsort(perm)]
+
+    scales = torch.stack([s for s, _ in made])
+    zeros = torch.stack([z for _, z in made]).to(torch.int32)
+    qw = QuantizedWeight(codes, scales, zeros, g_idx, bits, group_size, sym)
+    return qw, GPTQStats(loss=loss.item(), rel_error=relative_error(W0, qw.dequantize(), H0), damp=damp)
+
+
+def _column_blocks_torch(W, Hinv, codes, made, static, orig, bits, gs, sym, block_size, scale_dtype):
+    """The reference loop, one column at a time. Blocks are whole multiples of the group size, so
+    each new group's grid is taken from the block's up-to-date columns (earlier in-block errors
+    already applied). The block is held transposed so a column is a contiguous row; per column only
+    the rounding and the rank-1 update run, codes and errors are stored and reduced per block.
+    Fills `codes` and `made`; returns the GPTQ loss."""
+    in_f = W.shape[1]
+    maxq = 2 ** bits - 1
+    loss = torch.zeros((), device=W.device)
+    scale, zero = made[0] if gs == -1 else (None, None)
+    orig = orig.tolist() if static is not None else None
+    B = block_size if gs == -1 else gs * max(1, -(-block_size // gs))
     for i1 in range(0, in_f, B):
         i2 = min(i1 + B, in_f)
         W1 = W[:, i1:i2].t().contiguous()          # [cols, out]
@@ -100,7 +125,7 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size:
             col = i1 + i
             if static is not None:
                 scale, zero = static[orig[col] // gs]
-            elif group_size != -1 and col % gs == 0:
+            elif gs != -1 and col % gs == 0:
                 scale, zero = grid_params(W1[i:i + gs].t(), bits, sym, scale_dtype)
                 made.append((scale, zero))
             w = W1[i]
@@ -112,20 +137,44 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size:
         codes[:, i1:i2] = C1.t().to(torch.uint8)
         loss += Err1.pow(2).sum() / 2
         W[:, i2:].addmm_(Err1.t(), Hinv[i1:i2, i2:], alpha=-1)
+    return loss
 
+
+def kernel_block(gs: int) -> int:
+    """Columns per kernel launch: a group never starts inside a block, so every group's grid comes
+    from columns with all earlier errors applied, exactly as in the reference loop."""
+    if gs == -1:
+        return 128
+    if gs <= 256:
+        return gs
+    return max(d for d in range(1, 129) if gs % d == 0)
+
+
+def _column_blocks_triton(W, Hinv, codes, made, static, orig, bits, gs, sym, block_size, scale_dtype):
+    """The same loop with each block's columns in one Triton kernel (gptq_triton.py)."""
+    from . import gptq_triton
+    in_f = W.shape[1]
+    Hinv = Hinv.contiguous()                    # the Cholesky factor may come column-major
+    maxq = 2 ** bits - 1
+    loss = torch.zeros((), device=W.device)
+    scale, zero = made[0] if gs == -1 else (None, None)
     if static is not None:
-        made = static
-        g_idx = torch.arange(in_f, dtype=torch.int32, device=W.device) // gs
-    elif group_size != -1:
-        g_idx[torch.as_tensor(list(orig), device=W.device)] = \
-            torch.arange(in_f, dtype=torch.int32, device=W.device) // gs
-    if perm is not None:
-        codes = codes[:, torch.argsort(perm)]
-
-    scales = torch.stack([s for s, _ in made])
-    zeros = torch.stack([z for _, z in made]).to(torch.int32)
-    qw = QuantizedWeight(codes, scales, zeros, g_idx, bits, group_size, sym)
-    return qw, GPTQStats(loss=loss.item(), rel_error=relative_error(W0, qw.dequantize(), H0), damp=damp)
+        static_scales = torch.stack([s for s, _ in static])        # [G, out]
+        static_zeros = torch.stack([z for _, z in static])
+        col_group = orig // gs
+    B = kernel_block(gs)
+    for i1 in range(0, in_f, B):
+        i2 = min(i1 + B, in_f)
+        if static is not None:
+            scale, zero = static_scales[col_group[i1:i2]].t(), static_zeros[col_group[i1:i2]].t()
+        elif gs != -1 and i1 % gs == 0:
+            scale, zero = grid_params(W[:, i1:i1 + gs], bits, sym, scale_dtype)
+            made.append((scale, zero))
+        C1, Err1 = gptq_triton.quantize_block(W[:, i1:i2], Hinv[i1:i2, i1:i2], scale, zero, maxq)
+        codes[:, i1:i2] = C1.t()
+        loss += Err1.pow(2).sum() / 2
+        W[:, i2:].addmm_(Err1.t(), Hinv[i1:i2, i2:], alpha=-1)
+    return loss
 
 
 def relative_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
@@ -147,10 +196,17 @@ class HessianAccumulator:
         self.block = in_features if in_features < 256 else -(-in_features // HESSIAN_BLOCKS)
 
     def add(self, x: torch.Tensor):
-        x = x.reshape(-1, x.shape[-1]).float()
+        x = x.reshape(-1, x.shape[-1])
         d, b = x.shape[1], self.block
-        for i in range(0, d, b):
-            self.H[i:i + b, i:].addmm_(x[:, i:i + b].t(), x[:, i:])
+        if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+            # Tensor cores multiply 16-bit values exactly and accumulate in float32: the same H
+            # as the float32 product up to summation order, at several times the speed.
+            for i in range(0, d, b):
+                self.H[i:i + b, i:] += torch.mm(x[:, i:i + b].t(), x[:, i:], out_dtype=torch.float32)
+        else:
+            x = x.float()
+            for i in range(0, d, b):
+                self.H[i:i + b, i:].addmm_(x[:, i:i + b].t(), x[:, i:])
         self.n += x.shape[0]
 
     def result(self) -> torch.Tensor:
