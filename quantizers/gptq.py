@@ -59,7 +59,6 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size:
     W = W.detach().float().clone()
     H = H.detach().float().clone()
     out_f, in_f = W.shape
-    maxq = 2 ** bits - 1
     gs = in_f if group_size == -1 else group_size
     W0 = W.clone()
     H0 = H.clone()

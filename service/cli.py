@@ -7,8 +7,8 @@ from pydantic import ValidationError
 from .errors import QuantfarmError
 
 
-def _quantize_parser(sub):
-    p = sub.add_parser("quantize", help="quantize a model into a standard checkpoint folder")
+def _spec_arguments(p):
+    """The JobSpec settings, shared by `quantize` (runs here) and `submit` (runs on the farm)."""
     p.add_argument("model", help="smollm2-135m (built-in demo), a Hugging Face id org/name, a local folder, or a .gguf file")
     p.add_argument("--revision", help="Hub branch, tag or commit (pinned to a commit sha)")
     p.add_argument("--algorithm", default="gptq", choices=["gptq", "awq", "rtn"], help="how weights are quantized")
@@ -40,6 +40,23 @@ def _quantize_parser(sub):
     p.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
     p.add_argument("--allow-pickle", action="store_true", help="accept pickle (.bin) weights")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run")
+
+
+def spec_from_args(a, **extra):
+    from .spec import JobSpec
+    return JobSpec(model=a.model, revision=a.revision, algorithm=a.algorithm, format=a.format, bits=a.bits,
+                   group_size=a.group_size, sym=a.sym, desc_act=a.act_order != "none",
+                   static_groups=a.act_order == "static",
+                   true_sequential=a.true_sequential, damp_percent=a.damp,
+                   calibration={"source": a.calibration, "samples": a.samples, "seq_len": a.seq_len, "seed": a.seed},
+                   evaluation={"suite": "none" if a.no_eval else "perplexity", "text": a.eval_text,
+                               "windows": a.eval_windows, "limit": getattr(a, "eval_limit", None)},
+                   allow_pickle=a.allow_pickle, trust_remote_code=a.trust_remote_code, **extra)
+
+
+def _quantize_parser(sub):
+    p = sub.add_parser("quantize", help="quantize a model into a standard checkpoint folder")
+    _spec_arguments(p)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--state-dir", help="per-layer checkpoints: a rerun with the same folder resumes")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
@@ -51,16 +68,8 @@ def cmd_quantize(a) -> int:
     from tqdm import tqdm
 
     from . import pipeline
-    from .spec import JobSpec
 
-    spec = JobSpec(model=a.model, revision=a.revision, algorithm=a.algorithm, format=a.format, bits=a.bits,
-                   group_size=a.group_size, sym=a.sym, desc_act=a.act_order != "none",
-                   static_groups=a.act_order == "static",
-                   true_sequential=a.true_sequential, damp_percent=a.damp,
-                   calibration={"source": a.calibration, "samples": a.samples, "seq_len": a.seq_len, "seed": a.seed},
-                   evaluation={"suite": "none" if a.no_eval else "perplexity", "text": a.eval_text,
-                               "windows": a.eval_windows},
-                   allow_pickle=a.allow_pickle, trust_remote_code=a.trust_remote_code)
+    spec = spec_from_args(a)
     bar = None
 
     def on_step(step):
@@ -118,6 +127,9 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _quantize_parser(sub)
     _inspect_parser(sub)
+    from . import client, server
+    server.add_parsers(sub)
+    client.add_parsers(sub, _spec_arguments, spec_from_args)
     a = parser.parse_args(argv)
     try:
         return a.func(a)

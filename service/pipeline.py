@@ -136,8 +136,8 @@ def run(spec: JobSpec, out_dir, *, device: str = "auto", state_dir=None, overwri
         on_step("evaluate fp16")
         t = time.perf_counter()
         ev, ev_desc = eval_tokens(spec.evaluation.text, tokenizer, model=model)
-        ppl = {"text": ev_desc, "windows": spec.evaluation.windows, "window_len": spec.evaluation.window_len,
-               "fp16": perplexity(model, ev, spec.evaluation.window_len, max_windows=spec.evaluation.windows)}
+        ppl = {"text": ev_desc, "windows": spec.evaluation.n_windows, "window_len": spec.evaluation.window_len,
+               "fp16": perplexity(model, ev, spec.evaluation.window_len, max_windows=spec.evaluation.n_windows)}
         times["evaluate_fp16"] = time.perf_counter() - t
 
     calib = None
@@ -176,7 +176,7 @@ def run(spec: JobSpec, out_dir, *, device: str = "auto", state_dir=None, overwri
         qmodel, _, _ = artifact.load_artifact(out, dtype=torch.float32 if dev.type == "cpu" else torch.bfloat16,
                                               with_tokenizer=False)
         qmodel.to(dev)
-        ppl["quantized"] = perplexity(qmodel, ev, spec.evaluation.window_len, max_windows=spec.evaluation.windows)
+        ppl["quantized"] = perplexity(qmodel, ev, spec.evaluation.window_len, max_windows=spec.evaluation.n_windows)
         ppl["ratio"] = ppl["quantized"] / ppl["fp16"]
         times["evaluate_quantized"] = time.perf_counter() - t
         del qmodel

@@ -1,5 +1,5 @@
-"""JobSpec: the one description of a quantization request, used by the CLI (and later the API, the
-batch runner and the store). Its canonical JSON, hashed with the pinned model revision, is the
+"""JobSpec: the one description of a quantization request, used by the CLI, the API, the workers and
+the store. Its canonical JSON, hashed with the pinned model revision, is the
 recipe key: the same key means the same artifact."""
 import hashlib
 import json
@@ -24,6 +24,11 @@ class Evaluation(BaseModel):
     text: str | None = Field(None, description="held-out text source; default WikiText-2 validation when present")
     windows: int = Field(32, ge=1)
     window_len: int = Field(512, ge=16)
+    limit: int | None = Field(None, ge=1, description="evaluate at most this many windows (a quick run)")
+
+    @property
+    def n_windows(self) -> int:
+        return min(self.windows, self.limit) if self.limit else self.windows
 
 
 class JobSpec(BaseModel):
@@ -43,6 +48,11 @@ class JobSpec(BaseModel):
     evaluation: Evaluation = Evaluation()
     allow_pickle: bool = False
     trust_remote_code: bool = False
+    priority: int = Field(0, ge=-100, le=100, description="higher runs first")
+    publish: list[Literal["local"]] = Field(["local"], description="where a succeeded artifact is published; "
+                                            "the local artifact store is the only target so far")
+    min_recovery: float | None = Field(None, gt=0, le=2, description="quality gate: fp16 / quantized perplexity below "
+                                       "this ends the job failed_quality (artifact kept, not published)")
 
     @field_validator("group_size")
     @classmethod
@@ -69,7 +79,8 @@ class JobSpec(BaseModel):
 
     def recipe(self, revision: str) -> dict:
         """What determines the artifact: the spec less its evaluation, plus the pinned source."""
-        d = self.model_dump(exclude={"evaluation", "revision", "allow_pickle", "trust_remote_code"})
+        d = self.model_dump(exclude={"evaluation", "revision", "allow_pickle", "trust_remote_code", "priority",
+                                     "publish", "min_recovery"})
         d["source_revision"] = revision
         return d
 
