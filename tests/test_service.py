@@ -308,6 +308,17 @@ def test_client_cli_against_server(tmp_path):
         assert json.loads(r.stdout)["priority"] == 3
         r = cli("cancel", job_id)
         assert r.returncode == 0 and "cancelled" in r.stdout
+        # --wait follows the event stream until the job ends (here: cancelled from elsewhere) and exits 1
+        waiting = subprocess.Popen([sys.executable, "-m", "service.cli", "submit", "smollm2-135m", "--samples", "4",
+                                    "--seq-len", "64", "--force", "--wait"], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, env=env)
+        deadline = time.time() + 60
+        while not (queued := srv.http.get("/v1/jobs", params={"state": "queued"}, headers=auth("reader")).json()["jobs"]):
+            assert time.time() < deadline and waiting.poll() is None
+            time.sleep(0.2)
+        srv.http.post(f"/v1/jobs/{queued[0]['id']}/cancel", headers=auth("alice"))
+        out, err = waiting.communicate(timeout=60)
+        assert waiting.returncode == 1 and "cancelled" in out and "state: cancelled" in err, (out, err)
         r = cli("submit", "smollm2-135m", "--bits", "4", "--group-size", "0")
         assert r.returncode == 2 and "group_size" in r.stderr
         r = subprocess.run([sys.executable, "-m", "service.cli", "jobs"], capture_output=True, text=True,
