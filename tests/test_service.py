@@ -90,7 +90,6 @@ class Server:
 def pg_url():
     """A fresh PostgreSQL database for one test, dropped afterwards."""
     psycopg = pytest.importorskip("psycopg")
-    admin = PG_URL.rsplit("/", 1)[0] + "/postgres"
     try:
         conn = psycopg.connect(PG_URL, autocommit=True, connect_timeout=3)
     except psycopg.OperationalError as e:
@@ -101,7 +100,6 @@ def pg_url():
     conn.execute(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'")
     conn.execute(f"DROP DATABASE IF EXISTS {name}")
     conn.close()
-    del admin
 
 
 def _demo_job(tmp_path, db):
