@@ -52,7 +52,7 @@ def run_ours(a):
     import torch
     from safetensors.torch import load_file
 
-    from evaluation.perplexity import perplexity
+    from evaluation.text_metrics import perplexity
     from quantizers import artifact
     from quantizers.driver import QuantConfig, quantize_model
     from service.pipeline import save

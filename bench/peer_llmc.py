@@ -100,7 +100,7 @@ def perplexity(model, stream: torch.Tensor, windows: int, window_len: int) -> fl
         )
         nlls.append(nll)
         del logits
-    # per-token NLL in float32, summed in float64 (as quantfarm's evaluation/perplexity.py does)
+    # per-token NLL in float32, summed in float64 (as quantfarm's evaluation/text_metrics.py does)
     return math.exp(torch.cat(nlls).double().mean().item())
 
 

@@ -115,6 +115,13 @@ def build_calibration(source: str, tokenizer, *, n_samples: int = 128, seq_len: 
     return CalibrationSet(tokens=tokens, source=describe, seed=seed, content_hash=content_hash(describe, seed, tokens))
 
 
+def resolve_eval_source(source: str | None) -> str:
+    """The held-out text source a job's evaluation uses ("model" means sampled from the fp16 model)."""
+    if source is None:
+        source = "wikitext2" if shared_file(WIKITEXT2_RELPATH) is not None else "model"
+    return _resolve_auto(source)
+
+
 def eval_tokens(source: str | None, tokenizer, *, model=None, seed: int = 1234,
                 n_tokens: int | None = None) -> tuple[torch.Tensor, str]:
     """Held-out text for perplexity as one 1-D int64 stream and its description. Default: WikiText-2
@@ -123,9 +130,7 @@ def eval_tokens(source: str | None, tokenizer, *, model=None, seed: int = 1234,
     EVAL_SEQ_LEN). `n_tokens` caps the length."""
     if n_tokens is not None and (not isinstance(n_tokens, int) or n_tokens <= 0):
         raise CalibrationError(f"n_tokens must be a positive integer (got {n_tokens})")
-    if source is None:
-        source = "wikitext2" if shared_file(WIKITEXT2_RELPATH) is not None else "model"
-    source = _resolve_auto(source)
+    source = resolve_eval_source(source)
     if source == "model":
         n = n_tokens or DEFAULT_EVAL_TOKENS
         seq = min(n, EVAL_SEQ_LEN)

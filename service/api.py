@@ -25,7 +25,7 @@ from .store import STATES, TERMINAL, Store
 
 SPEC_EXAMPLE = {"model": "smollm2-135m", "algorithm": "gptq", "format": "gptq", "bits": 4, "group_size": 128,
                 "calibration": {"source": "auto", "samples": 128, "seq_len": 512, "seed": 0},
-                "evaluation": {"suite": "perplexity", "limit": 8}, "priority": 0}
+                "evaluation": {"suite": "quick", "limit": 8}, "priority": 0}
 
 
 class NotFound(QuantfarmError):

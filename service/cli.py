@@ -35,11 +35,30 @@ def _spec_arguments(p):
     p.add_argument("--samples", type=int, default=128)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-text", help="held-out text for perplexity (default: WikiText-2 validation when present)")
-    p.add_argument("--eval-windows", type=int, default=32)
-    p.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
+    _eval_arguments(p)
+    p.add_argument("--no-eval", dest="suite", action="store_const", const="none", help="same as --suite none")
+    p.add_argument("--min-recovery", type=float,
+                   help="quality gate: recovery below this fails the job (failed_quality; the artifact is kept)")
     p.add_argument("--allow-pickle", action="store_true", help="accept pickle (.bin) weights")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run")
+
+
+def _eval_arguments(p):
+    p.add_argument("--suite", default="quick",
+                   help="quick (perplexity + KLD on held-out text) | leaderboard (ARC-Challenge, HellaSwag, MMLU, "
+                        "TruthfulQA mc2, Winogrande, GSM8K through lm-eval) | none | a comma list of parts")
+    p.add_argument("--limit", "--eval-limit", dest="eval_limit", type=int,
+                   help="at most N items per task (MMLU: spread over its subjects) and N text windows: a quick run")
+    p.add_argument("--eval-text", help="held-out text for perplexity/KLD (default: WikiText-2 validation when present)")
+    p.add_argument("--eval-windows", type=int, default=32, help="text windows (of 512 tokens)")
+    p.add_argument("--eval-batch-size", type=int, default=8)
+    p.add_argument("--data-dir", help="task data folder (default: the shared data folder, QUANTFARM_DATA)")
+
+
+def evaluation_from_args(a) -> dict:
+    suite = a.suite.split(",") if "," in a.suite else a.suite
+    return {"suite": suite, "text": a.eval_text, "windows": a.eval_windows, "limit": a.eval_limit,
+            "batch_size": a.eval_batch_size, "data_dir": a.data_dir}
 
 
 def spec_from_args(a, **extra):
@@ -49,8 +68,7 @@ def spec_from_args(a, **extra):
                    static_groups=a.act_order == "static",
                    true_sequential=a.true_sequential, damp_percent=a.damp,
                    calibration={"source": a.calibration, "samples": a.samples, "seq_len": a.seq_len, "seed": a.seed},
-                   evaluation={"suite": "none" if a.no_eval else "perplexity", "text": a.eval_text,
-                               "windows": a.eval_windows, "limit": getattr(a, "eval_limit", None)},
+                   evaluation=evaluation_from_args(a), min_recovery=a.min_recovery,
                    allow_pickle=a.allow_pickle, trust_remote_code=a.trust_remote_code, **extra)
 
 
@@ -60,6 +78,7 @@ def _quantize_parser(sub):
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--state-dir", help="per-layer checkpoints: a rerun with the same folder resumes")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--no-baseline-cache", action="store_true", help="recompute the fp16 baseline, store nothing")
     p.add_argument("--out", required=True, help="artifact folder to create")
     p.set_defaults(func=cmd_quantize)
 
@@ -84,7 +103,7 @@ def cmd_quantize(a) -> int:
         bar.update(1)
 
     r = pipeline.run(spec, a.out, device=a.device, state_dir=a.state_dir, overwrite=a.overwrite,
-                     on_step=on_step, on_layer=on_layer)
+                     cache_dir=baseline_cache(a), on_step=on_step, on_layer=on_layer)
     if bar is not None:
         bar.close()
     mb = 2 ** 20
@@ -95,14 +114,74 @@ def cmd_quantize(a) -> int:
           f"{' act-order ' + act if act != 'none' else ''} ({spec.algorithm})")
     print(f"time         {r.seconds['total']:.1f} s total, {r.seconds['quantize']:.1f} s quantizing")
     print(f"size         {r.size_before_bytes / mb:.1f} MiB (16-bit) -> {r.size_after_bytes / mb:.1f} MiB")
-    if r.perplexity:
-        p = r.perplexity
-        print(f"perplexity   {p['fp16']:.3f} (fp16) -> {p['quantized']:.3f} (quantized), x{p['ratio']:.3f} "
-              f"on {p['windows']} x {p['window_len']} tokens of {p['text']}")
     for v in r.preflight["runtimes"]:
         print(f"{v['runtime']:<13}{v['path'] if v['ok'] else 'not loadable'}")
     for w in r.warnings:
         print(f"note         {w}")
+    if r.evaluation:
+        print()
+        print(report_text(r.evaluation))
+    return gate_exit(spec.min_recovery, r.evaluation)
+
+
+def baseline_cache(a):
+    from .server import default_home
+    return None if a.no_baseline_cache else default_home() / "baselines"
+
+
+def report_text(ev: dict) -> str:
+    from evaluation import report
+    out = [report.text_table(report.recovery_rows(ev))]
+    if ev.get("kld"):
+        out += ["", "KL divergence (fp16 || quantized) on " + str(ev["text"]), report.text_table(report.kld_rows(ev["kld"]))]
+    cache = ev.get("baseline_cache") or {}
+    out += ["", *report.notes(ev), "fp16 baseline: " + ", ".join(f"{k} {v}" for k, v in cache.items())]
+    return "\n".join(out)
+
+
+def gate_exit(min_recovery, evaluation: dict) -> int:
+    """3 when a quality gate is set and not met (the artifact stays for inspection)."""
+    from .pipeline import quality_failure
+    why = quality_failure(min_recovery, evaluation)
+    if why:
+        print(f"quantfarm: failed quality: {why}; the artifact is kept for inspection", file=sys.stderr)
+    return 3 if why else 0
+
+
+def _eval_parser(sub):
+    p = sub.add_parser("eval", help="evaluate an artifact against its fp16 source and write its report files")
+    p.add_argument("artifact", help="an artifact folder written by quantfarm")
+    _eval_arguments(p)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--min-recovery", type=float, help="exit 3 when recovery is below this")
+    p.add_argument("--no-baseline-cache", action="store_true", help="recompute the fp16 baseline, store nothing")
+    p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("report", help="print an artifact's recovery table")
+    p.add_argument("artifact")
+    p.add_argument("--json", action="store_true", help="print the evaluation section of report.json")
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_eval(a) -> int:
+    from evaluation.suite import Evaluation
+
+    from . import pipeline
+    ev = Evaluation(**evaluation_from_args(a))
+    result = pipeline.evaluate_artifact(a.artifact, ev, device=a.device, cache_dir=baseline_cache(a),
+                                        on_step=lambda s: print(f"[quantfarm] {s}", file=sys.stderr, flush=True))
+    print(report_text(result))
+    return gate_exit(a.min_recovery, result)
+
+
+def cmd_report(a) -> int:
+    import json
+
+    from evaluation import report
+    from .errors import ArtifactError
+    ev = report.read(a.artifact).get("evaluation")
+    if not ev or not ev.get("rows"):
+        raise ArtifactError(f"{a.artifact} has no evaluation in report.json; run `quantfarm eval {a.artifact}` first")
+    print(json.dumps(ev, indent=2) if a.json else report_text(ev))
     return 0
 
 
@@ -127,6 +206,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _quantize_parser(sub)
     _inspect_parser(sub)
+    _eval_parser(sub)
     from . import client, server
     server.add_parsers(sub)
     client.add_parsers(sub, _spec_arguments, spec_from_args)

@@ -75,9 +75,7 @@ def add_parsers(sub, spec_arguments, spec_from_args):
 
     p = sub.add_parser("submit", help="submit a quantization job to a quantfarm server")
     spec_arguments(p)
-    p.add_argument("--eval-limit", type=int, help="evaluate at most this many perplexity windows")
     p.add_argument("--priority", type=int, default=0, help="higher runs first")
-    p.add_argument("--min-recovery", type=float, help="quality gate on fp16 / quantized perplexity")
     p.add_argument("--force", action="store_true", help="a new job even if the same recipe was submitted")
     p.add_argument("--wait", action="store_true", help="follow the job with a progress bar until it ends")
     server_args(p)
@@ -112,7 +110,7 @@ def _line(j: dict) -> str:
 
 
 def cmd_submit(a, spec_from_args) -> int:
-    spec = spec_from_args(a, priority=a.priority, min_recovery=a.min_recovery)
+    spec = spec_from_args(a, priority=a.priority)
     c = Client(a.server, a.token)
     job = c.submit(spec.model_dump(mode="json"), force=a.force)
     print(_line(job))
@@ -147,7 +145,9 @@ def _status_text(j: dict) -> str:
     r = j.get("result") or {}
     if r.get("perplexity"):
         p = r["perplexity"]
-        lines.append(f"perplexity   {p['fp16']:.3f} (fp16) -> {p['quantized']:.3f}, recovery {r['recovery']:.4f}")
+        lines.append(f"perplexity   {p['fp16']:.3f} (fp16) -> {p['quantized']:.3f}")
+    if r.get("recovery") is not None:
+        lines.append(f"recovery     {r['recovery']:.4f} ({r.get('recovery_basis')})")
     for art in j["artifacts"]:
         lines.append(f"artifact     {art['id']} ({art['format']}, {art['size_bytes'] / 2 ** 20:.1f} MiB, "
                      f"{'published' if art['published'] else 'kept, not published'}) {art['files']}")

@@ -38,3 +38,7 @@ class ArtifactError(QuantfarmError):
 class NotImplementedFeature(QuantfarmError):
     """A feature that is designed but not built yet; says so instead of faking it."""
     http_status = 501
+
+
+class EvaluationError(QuantfarmError):
+    """An evaluation cannot run (missing task data, unknown task, no baseline to compare with)."""

@@ -77,7 +77,9 @@ def describe(path) -> dict:
     rep = folder / "report.json"
     if rep.exists():
         r = json.loads(rep.read_text())
-        d["report"] = {"perplexity": r.get("perplexity"), "seconds": r.get("seconds"),
+        ev = r.get("evaluation") or {}
+        d["report"] = {"perplexity": r.get("perplexity"), "seconds": r.get("seconds"), "recovery": ev.get("recovery"),
+                       "recovery_basis": ev.get("recovery_basis"),
                        "size_before_bytes": r.get("size_before_bytes"), "size_after_bytes": r.get("size_after_bytes")}
     return d
 
@@ -102,4 +104,7 @@ def render(d: dict) -> str:
     if p:
         lines.append(f"perplexity   {p['fp16']:.3f} (fp16) -> {p['quantized']:.3f} (quantized), x{p['ratio']:.3f} "
                      f"on {p['windows']} x {p['window_len']} tokens of {p['text']}")
+    rep = d.get("report") or {}
+    if rep.get("recovery") is not None:
+        lines.append(f"recovery     {100 * rep['recovery']:.1f}% ({rep['recovery_basis']}); `quantfarm report` prints the table")
     return "\n".join(lines)

@@ -4,7 +4,6 @@ The CLI's `quantize` and (later) the job workers both call `run`; the steps repo
 through callbacks so each front end shows it its own way.
 """
 import dataclasses
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -14,7 +13,8 @@ from typing import Callable
 import torch
 
 from calibration import build_calibration, eval_tokens
-from evaluation.perplexity import perplexity
+from calibration.data import resolve_eval_source
+from evaluation import report, suite
 from quantizers import artifact, awq_format, ct_format, gptq_format
 from quantizers.driver import LayerReport, QuantConfig, quantize_model
 
@@ -53,6 +53,11 @@ class Result:
     layers: list = field(default_factory=list)
     warnings: list = field(default_factory=list)
     preflight: dict = field(default_factory=dict)
+    evaluation: dict = field(default_factory=dict)
+
+    @property
+    def recovery(self) -> float | None:
+        return self.evaluation.get("recovery")
 
 
 def _noop(*_a, **_k):
@@ -107,10 +112,34 @@ def artifact_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
 
 
-def run(spec: JobSpec, out_dir, *, device: str = "auto", state_dir=None, overwrite: bool = False,
+def perplexity_summary(evaluation: dict) -> dict:
+    """The perplexity row in the short form the CLI, `inspect` and job results print."""
+    row = next((r for r in evaluation.get("rows", []) if r["name"] == "perplexity"), None)
+    if row is None:
+        return {}
+    s = evaluation["settings"]
+    return {"text": evaluation["text"], "windows": min(s["windows"], s["limit"] or s["windows"]),
+            "window_len": s["window_len"], "fp16": row["fp16"], "quantized": row["quantized"],
+            "ratio": row["quantized"] / row["fp16"]}
+
+
+def quality_failure(min_recovery: float | None, evaluation: dict) -> str | None:
+    """Why a result fails its quality gate, or None when it passes or has no gate."""
+    if min_recovery is None:
+        return None
+    recovery = evaluation.get("recovery")
+    if recovery is None:
+        return "min_recovery is set but the evaluation suite gives no recovery to check it against"
+    if recovery < min_recovery:
+        return f"recovery {recovery:.4f} ({evaluation['recovery_basis']}) is below min_recovery {min_recovery}"
+    return None
+
+
+def run(spec: JobSpec, out_dir, *, device: str = "auto", state_dir=None, overwrite: bool = False, cache_dir=None,
         on_step: Callable[[str], None] = _noop, on_layer: Callable[[LayerReport, int], None] = _noop,
         should_stop: Callable[[], bool] | None = None) -> Result:
-    """Run the whole job and return its summary; the artifact lands in `out_dir`."""
+    """Run the whole job and return its summary; the artifact lands in `out_dir` with its report files.
+    fp16 baselines are cached under `cache_dir` (None: not cached)."""
     times = {}
     t0 = time.perf_counter()
     dev = pick_device(device)
@@ -130,14 +159,15 @@ def run(spec: JobSpec, out_dir, *, device: str = "auto", state_dir=None, overwri
     size_before = sum(p.numel() for p in model.parameters()) * 2
     times["load"] = time.perf_counter() - t0
 
-    ppl = {}
-    ev = None
-    if spec.evaluation.suite == "perplexity":
+    compute_dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
+    plan = base = None
+    if spec.evaluation.parts:
         on_step("evaluate fp16")
         t = time.perf_counter()
-        ev, ev_desc = eval_tokens(spec.evaluation.text, tokenizer, model=model)
-        ppl = {"text": ev_desc, "windows": spec.evaluation.n_windows, "window_len": spec.evaluation.window_len,
-               "fp16": perplexity(model, ev, spec.evaluation.window_len, max_windows=spec.evaluation.n_windows)}
+        plan = suite.Plan(spec.evaluation, spec.model, revision, compute_dtype, dev,
+                          text_tokens=lambda: eval_tokens(spec.evaluation.text, tokenizer, model=model))
+        base = plan.baseline(suite.BaselineCache(cache_dir), lambda: (model.to(dev), tokenizer))
+        model.to("cpu")                 # the driver streams layers to the device itself
         times["evaluate_fp16"] = time.perf_counter() - t
 
     calib = None
@@ -170,23 +200,73 @@ def run(spec: JobSpec, out_dir, *, device: str = "auto", state_dir=None, overwri
     times["save"] = time.perf_counter() - t
     del model
 
-    if ev is not None:
+    evaluation = {}
+    if plan is not None:
         on_step("evaluate artifact")
         t = time.perf_counter()
-        qmodel, _, _ = artifact.load_artifact(out, dtype=torch.float32 if dev.type == "cpu" else torch.bfloat16,
-                                              with_tokenizer=False)
-        qmodel.to(dev)
-        ppl["quantized"] = perplexity(qmodel, ev, spec.evaluation.window_len, max_windows=spec.evaluation.n_windows)
-        ppl["ratio"] = ppl["quantized"] / ppl["fp16"]
+        qmodel, qtok, _ = artifact.load_artifact(out, dtype=compute_dtype)
+        evaluation = suite.compare(plan, base, plan.quantized(qmodel.to(dev), qtok))
         times["evaluate_quantized"] = time.perf_counter() - t
         del qmodel
     times["total"] = time.perf_counter() - t0
 
     result = Result(artifact=str(out), model=spec.model, revision=revision, recipe_key=key,
                     calibration_hash=meta["calibration_hash"], seconds=times, size_before_bytes=size_before,
-                    size_after_bytes=artifact_bytes(out), perplexity=ppl,
+                    size_after_bytes=artifact_bytes(out), perplexity=perplexity_summary(evaluation),
                     layers=[{"index": r.index, "seconds": r.seconds, "modules": r.modules} for r in reports],
-                    warnings=notes, preflight=checks)
-    report = {"quantfarm": quantfarm_version(), "spec": spec.model_dump(), **asdict(result)}
-    artifact.add_file(out, "report.json", json.dumps(report, indent=2) + "\n")
+                    warnings=notes, preflight=checks, evaluation=evaluation)
+    report.write(out, {"quantfarm": quantfarm_version(), "spec": spec.model_dump(), **asdict(result)})
     return result
+
+
+def evaluate_artifact(folder, ev: suite.Evaluation, *, device: str = "auto", cache_dir=None,
+                      on_step: Callable[[str], None] = _noop) -> dict:
+    """Evaluate a finished artifact against its fp16 source (named in its report.json, else in its
+    quantization_config's meta) and rewrite its report files; returns the evaluation."""
+    folder = Path(folder)
+    rep = report.read(folder)
+    spec = rep.get("spec") or {}
+    model_id, revision = spec.get("model"), rep.get("revision")
+    if not model_id:
+        raise ArtifactError(f"{folder} has no report.json naming its source model; only artifacts written by "
+                            "quantfarm can be evaluated against their fp16 source")
+    dev = pick_device(device)
+    dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
+    on_step("resolve")
+    src = resolve_model(model_id, revision if _is_commit(revision) else None,
+                        allow_pickle=spec.get("allow_pickle", False), trust_remote_code=spec.get("trust_remote_code", False))
+    pinned = src.revision or src.content_hash
+    if revision and pinned != revision:
+        raise ArtifactError(f"{folder} was made from {model_id} @ {revision}, but that now resolves to {pinned}; "
+                            "the fp16 baseline would be of a different model")
+    fp16 = {}
+
+    def load_fp16():
+        if not fp16:
+            on_step("load fp16")
+            model, tok = load_model(src, dtype=dtype)
+            round_to_storage(model)
+            fp16["m"] = (model.to(dev), tok)
+        return fp16["m"]
+
+    def text_tokens():
+        from transformers import AutoTokenizer
+        sampled = resolve_eval_source(ev.text) == "model"
+        return eval_tokens(ev.text, AutoTokenizer.from_pretrained(folder), model=load_fp16()[0] if sampled else None)
+
+    def load_quantized():
+        fp16.clear()                                   # the fp16 model is done with by now
+        on_step("evaluate artifact")
+        qmodel, qtok, _ = artifact.load_artifact(folder, dtype=dtype)
+        return qmodel.to(dev), qtok
+
+    on_step("evaluate")
+    plan = suite.Plan(ev, model_id, pinned, dtype, dev, text_tokens=text_tokens)
+    evaluation = plan.run(suite.BaselineCache(cache_dir), load_fp16, load_quantized)
+    rep.update(evaluation=evaluation, perplexity=perplexity_summary(evaluation))
+    report.write(folder, rep)
+    return evaluation
+
+
+def _is_commit(revision: str | None) -> bool:
+    return bool(revision) and len(revision) == 40 and all(c in "0123456789abcdef" for c in revision)

@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from evaluation.suite import Evaluation
 from quantizers.driver import QuantConfig
 
 
@@ -16,19 +17,6 @@ class Calibration(BaseModel):
     samples: int = Field(128, ge=1, le=100_000)
     seq_len: int = Field(512, ge=16, le=131_072)
     seed: int = 0
-
-
-class Evaluation(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    suite: Literal["perplexity", "none"] = "perplexity"
-    text: str | None = Field(None, description="held-out text source; default WikiText-2 validation when present")
-    windows: int = Field(32, ge=1)
-    window_len: int = Field(512, ge=16)
-    limit: int | None = Field(None, ge=1, description="evaluate at most this many windows (a quick run)")
-
-    @property
-    def n_windows(self) -> int:
-        return min(self.windows, self.limit) if self.limit else self.windows
 
 
 class JobSpec(BaseModel):
@@ -51,8 +39,9 @@ class JobSpec(BaseModel):
     priority: int = Field(0, ge=-100, le=100, description="higher runs first")
     publish: list[Literal["local"]] = Field(["local"], description="where a succeeded artifact is published; "
                                             "the local artifact store is the only target so far")
-    min_recovery: float | None = Field(None, gt=0, le=2, description="quality gate: fp16 / quantized perplexity below "
-                                       "this ends the job failed_quality (artifact kept, not published)")
+    min_recovery: float | None = Field(None, gt=0, le=2, description="quality gate: recovery (quantized / fp16 task "
+                                       "average, or fp16 / quantized perplexity for a suite without tasks) below this "
+                                       "ends the job failed_quality (artifact kept, not published)")
 
     @field_validator("group_size")
     @classmethod

@@ -76,7 +76,8 @@ def run_job(store: Store, job: dict, worker: str, home: Path, device: str) -> st
     if job["attempt"] > 1:
         store.add_event(job_id, "log", f"attempt {job['attempt']}: resuming from the checkpoints in {state_dir}")
     try:
-        result = pipeline.run(spec, out, device=device, state_dir=state_dir, overwrite=True, on_step=on_step,
+        result = pipeline.run(spec, out, device=device, state_dir=state_dir, overwrite=True,
+                              cache_dir=home / "baselines", on_step=on_step,
                               on_layer=on_layer, should_stop=should_stop)
     except Cancelled:
         if beat.lost:
@@ -95,19 +96,14 @@ def run_job(store: Store, job: dict, worker: str, home: Path, device: str) -> st
         beat.stop()
     if beat.lost:
         return "lost"
-    state, error = "succeeded", None
-    recovery = 1 / result.perplexity["ratio"] if result.perplexity.get("ratio") else None
-    if spec.min_recovery is not None:
-        if recovery is None:
-            state, error = "failed_quality", "min_recovery is set but the job ran no evaluation to check it against"
-        elif recovery < spec.min_recovery:
-            state, error = "failed_quality", (
-                f"perplexity recovery {recovery:.4f} (fp16 / quantized) is below min_recovery {spec.min_recovery}; "
-                f"the artifact is kept at {result.artifact} for inspection and is not published")
+    state, error, recovery = "succeeded", pipeline.quality_failure(spec.min_recovery, result.evaluation), result.recovery
+    if error:
+        state, error = "failed_quality", f"{error}; the artifact is kept at {result.artifact} for inspection and is not published"
     summary = {"artifact": result.artifact, "revision": result.revision, "recipe_key": result.recipe_key,
                "calibration_hash": result.calibration_hash, "seconds": result.seconds,
                "size_before_bytes": result.size_before_bytes, "size_after_bytes": result.size_after_bytes,
-               "perplexity": result.perplexity, "recovery": recovery, "warnings": result.warnings}
+               "perplexity": result.perplexity, "recovery": recovery,
+               "recovery_basis": result.evaluation.get("recovery_basis"), "warnings": result.warnings}
     store.finish(job_id, worker, state, error=error, result=summary,
                  artifact={"path": result.artifact, "format": spec.format, "size_bytes": result.size_after_bytes,
                            "published": state == "succeeded"})

@@ -21,3 +21,12 @@ def require_shared_data(relpath: str) -> pathlib.Path:
             pytest.fail(f"{why}; QUANTFARM_REQUIRE_SHARED_DATA=1 requires it")
         pytest.skip(why)
     return path
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_home(tmp_path_factory):
+    """Commands run by tests (and their subprocesses) keep their baseline cache and tokens in a temporary
+    QUANTFARM_HOME, never in the user's ~/.quantfarm."""
+    if "QUANTFARM_HOME" not in os.environ:
+        os.environ["QUANTFARM_HOME"] = str(tmp_path_factory.mktemp("quantfarm-home"))
+    yield

@@ -16,7 +16,7 @@ import pytest
 
 from calibration import build_calibration, eval_tokens
 from conftest import require_shared_data
-from evaluation.perplexity import perplexity
+from evaluation.text_metrics import perplexity
 from quantizers import artifact
 from quantizers.driver import QuantConfig, quantize_model
 from service.pipeline import round_to_storage, save

@@ -1,0 +1,132 @@
+"""The recovery report on a real SmolLM2 GPTQ artifact: quick and leaderboard suites, the three files,
+the baseline cache, the quality gate for `quantfarm eval` and for a farm job."""
+import base64
+import json
+import re
+
+import pytest
+
+from service import pipeline
+from service.cli import main
+from service.spec import JobSpec
+from service.store import Store, migrate
+from service.worker import run_job
+from tests.conftest import require_shared_data
+
+pytestmark = pytest.mark.slow
+
+
+def smol_spec(**kw):
+    return JobSpec(model="smollm2-135m", group_size=64, calibration={"samples": 4, "seq_len": 64},
+                   evaluation={"suite": "quick", "windows": 3}, **kw)
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    return tmp_path_factory.mktemp("home")
+
+
+@pytest.fixture(scope="module")
+def art(home, tmp_path_factory):
+    require_shared_data("wikitext2/wiki.valid.tokens")
+    out = tmp_path_factory.mktemp("art") / "smol-gptq"
+    result = pipeline.run(smol_spec(), out, device="cpu", cache_dir=home / "baselines")
+    return out, result
+
+
+def images(html: str) -> list[bytes]:
+    return [base64.b64decode(m) for m in re.findall(r'src="data:image/png;base64,([^"]+)"', html)]
+
+
+def test_quick_suite_writes_the_three_files(art):
+    out, result = art
+    rep = json.loads((out / "report.json").read_text())
+    ev = rep["evaluation"]
+    assert ev["parts"] == ["perplexity", "kld"] and ev["baseline_cache"] == {"text": "miss"}
+    (row,) = ev["rows"]
+    assert row["name"] == "perplexity" and row["n"] == 3 * 511
+    assert 10 < row["fp16"] < row["quantized"] < 3 * row["fp16"]
+    assert result.recovery == ev["recovery"] == pytest.approx(row["fp16"] / row["quantized"])
+    k = ev["kld"]
+    assert 0 < k["median"] <= k["mean"] <= k["max"] and k["median"] <= k["p99"] <= k["max"] and k["tokens"] == 3 * 511
+    assert 0.5 < k["top1_agreement"] < 1
+    assert set(ev["versions"]) == {"quantfarm", "torch", "transformers", "lm_eval"}
+    assert rep["calibration_hash"] and len(rep["layers"]) == 30
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nbase_model: smollm2-135m")
+    assert re.search(r"\| perplexity \|  \| perplexity \(lower is better\) \| 1533 \| [\d.]+ \| [\d.]+ \| [\d.]+% \|", card)
+    html = (out / "report.html").read_text()
+    pngs = images(html)            # per-layer error and KLD histogram (no task bars in quick)
+    assert len(pngs) == 2 and all(p.startswith(b"\x89PNG") for p in pngs)
+    assert "Per-layer quantization error" in html and "Per-token KL divergence" in html
+
+
+def test_leaderboard_eval_report_and_cache(art, home, monkeypatch, capsys):
+    out, _ = art
+    require_shared_data("mmlu/dev/abstract_algebra_dev.csv")
+    monkeypatch.setenv("QUANTFARM_HOME", str(home))
+    assert main(["eval", str(out), "--suite", "leaderboard", "--limit", "1", "--device", "cpu"]) == 0
+    ev = json.loads((out / "report.json").read_text())["evaluation"]
+    names = ["arc_challenge", "hellaswag", "mmlu", "truthfulqa_mc2", "winogrande", "gsm8k"]
+    assert [r["name"] for r in ev["rows"]] == names
+    assert ev["baseline_cache"] == {n: "miss" for n in names}
+    assert all(r["n"] == 1 for r in ev["rows"]) and ev["settings"]["limit"] == 1
+    assert ev["average"]["fp16"] == pytest.approx(sum(r["fp16"] for r in ev["rows"]) / 6)
+    assert ev["recovery_basis"].startswith("average of the task scores")
+    html = (out / "report.html").read_text()     # task bars and per-layer error; no KLD in this suite
+    assert len(images(html)) == 2 and "Per-task score, fp16 vs quantized" in html and "KL divergence" not in html
+    card = (out / "README.md").read_text()
+    for n in names:
+        assert f"| {n}" in card
+    assert "| average (tasks) |" in card and "hellaswag: llama.cpp text layout" in card
+    printed = capsys.readouterr().out
+
+    # a second run reuses every fp16 result and reproduces the quantized ones
+    assert main(["eval", str(out), "--suite", "leaderboard", "--limit", "1", "--device", "cpu"]) == 0
+    again = json.loads((out / "report.json").read_text())["evaluation"]
+    assert again["baseline_cache"] == {n: "hit" for n in names}
+    assert [r["fp16"] for r in again["rows"]] == [r["fp16"] for r in ev["rows"]]
+    assert [r["quantized"] for r in again["rows"]] == pytest.approx([r["quantized"] for r in ev["rows"]], abs=1e-6)
+    capsys.readouterr()
+
+    assert main(["report", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert table.splitlines()[0].split() == ["benchmark", "shots", "metric", "n", "fp16", "quantized", "recovery"]
+    assert "arc_challenge" in table and "average (tasks)" in table
+    assert printed.splitlines()[0] == table.splitlines()[0]
+
+
+def test_eval_gate_exits_3(art, home, monkeypatch, capsys):
+    out, _ = art
+    monkeypatch.setenv("QUANTFARM_HOME", str(home))
+    assert main(["eval", str(out), "--suite", "quick", "--eval-windows", "3", "--device", "cpu",
+                 "--min-recovery", "1.5"]) == 3
+    err = capsys.readouterr().err
+    assert "failed quality: recovery" in err and "below min_recovery 1.5" in err
+    assert json.loads((out / "report.json").read_text())["evaluation"]["baseline_cache"] == {"text": "hit"}
+
+
+def test_report_without_evaluation_says_what_to_do(tmp_path, capsys):
+    (tmp_path / "report.json").write_text(json.dumps({"spec": {"model": "x"}}))
+    assert main(["report", str(tmp_path)]) == 2
+    assert f"run `quantfarm eval {tmp_path}` first" in capsys.readouterr().err
+
+
+def test_job_below_min_recovery_ends_failed_quality(home, tmp_path):
+    require_shared_data("wikitext2/wiki.valid.tokens")
+    store = Store(f"sqlite:///{tmp_path}/q.db")
+    migrate(store.engine)
+    spec = smol_spec(min_recovery=1.5)
+    job, _ = store.submit(spec.model_dump(), "gate", spec.model, "r")
+    claimed = store.claim("w1", None)
+    assert claimed["id"] == job["id"]
+    assert run_job(store, claimed, "w1", home, "cpu") == "failed_quality"
+    done = store.get(job["id"])
+    assert done["state"] == "failed_quality"
+    assert "below min_recovery 1.5" in done["error"] and "kept" in done["error"]
+    (a,) = store.artifacts_of(job["id"])
+    assert a["published"] is False
+    assert (home / "artifacts" / job["id"] / "README.md").is_file()
+    # the fp16 baseline of the module's first job was reused
+    ev = json.loads((home / "artifacts" / job["id"] / "report.json").read_text())["evaluation"]
+    assert ev["baseline_cache"] == {"text": "hit"}
