@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from quantizers import artifact
+from .suite import Evaluation
 
 
 def pct(x) -> str:
@@ -61,7 +62,7 @@ def notes(ev: dict) -> list[str]:
     st = ev["settings"]
     lim = st.get("limit")
     if lim:
-        text = f" and {min(st['windows'], lim)} text windows" if "perplexity" in ev["parts"] or "kld" in ev["parts"] else ""
+        text = f" and {Evaluation.model_validate(st).n_windows} text windows" if "perplexity" in ev["parts"] or "kld" in ev["parts"] else ""
         out.append(f"limit {lim}: at most {lim} items per task (for MMLU spread over its subjects in turn){text}; "
                    f"a quick run, not the full benchmark (at n items a score's standard error is up to 50/sqrt(n) points).")
     if ev.get("recovery") is not None:

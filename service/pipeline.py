@@ -39,6 +39,11 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def compute_dtype(dev: torch.device) -> torch.dtype:
+    """float32 on CPU (bfloat16 matmuls there are slow and lossy), bfloat16 on accelerators."""
+    return torch.float32 if dev.type == "cpu" else torch.bfloat16
+
+
 @dataclass
 class Result:
     artifact: str
@@ -117,10 +122,9 @@ def perplexity_summary(evaluation: dict) -> dict:
     row = next((r for r in evaluation.get("rows", []) if r["name"] == "perplexity"), None)
     if row is None:
         return {}
-    s = evaluation["settings"]
-    return {"text": evaluation["text"], "windows": min(s["windows"], s["limit"] or s["windows"]),
-            "window_len": s["window_len"], "fp16": row["fp16"], "quantized": row["quantized"],
-            "ratio": row["quantized"] / row["fp16"]}
+    s = suite.Evaluation.model_validate(evaluation["settings"])
+    return {"text": evaluation["text"], "windows": s.n_windows, "window_len": s.window_len, "fp16": row["fp16"],
+            "quantized": row["quantized"], "ratio": row["quantized"] / row["fp16"]}
 
 
 def quality_failure(min_recovery: float | None, evaluation: dict) -> str | None:
@@ -150,7 +154,8 @@ def run(spec: JobSpec, out_dir, *, device: str = "auto", state_dir=None, overwri
     src = resolve_model(spec.model, spec.revision, allow_pickle=spec.allow_pickle,
                         trust_remote_code=spec.trust_remote_code)
     revision = src.revision or src.content_hash
-    model, tokenizer = load_model(src, dtype=torch.float32 if dev.type == "cpu" else torch.bfloat16)
+    dtype = compute_dtype(dev)
+    model, tokenizer = load_model(src, dtype=dtype)
     round_to_storage(model)
     cfg = with_scale_dtype(spec.quant_config(), spec.format, model)
     checks = preflight.report(settings(cfg, spec.format), preflight.model_shapes(model))
@@ -159,12 +164,11 @@ def run(spec: JobSpec, out_dir, *, device: str = "auto", state_dir=None, overwri
     size_before = sum(p.numel() for p in model.parameters()) * 2
     times["load"] = time.perf_counter() - t0
 
-    compute_dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
     plan = base = None
     if spec.evaluation.parts:
         on_step("evaluate fp16")
         t = time.perf_counter()
-        plan = suite.Plan(spec.evaluation, spec.model, revision, compute_dtype, dev,
+        plan = suite.Plan(spec.evaluation, spec.model, revision, dtype, dev,
                           text_tokens=lambda: eval_tokens(spec.evaluation.text, tokenizer, model=model))
         base = plan.baseline(suite.BaselineCache(cache_dir), lambda: (model.to(dev), tokenizer))
         model.to("cpu")                 # the driver streams layers to the device itself
@@ -204,7 +208,7 @@ def run(spec: JobSpec, out_dir, *, device: str = "auto", state_dir=None, overwri
     if plan is not None:
         on_step("evaluate artifact")
         t = time.perf_counter()
-        qmodel, qtok, _ = artifact.load_artifact(out, dtype=compute_dtype)
+        qmodel, qtok, _ = artifact.load_artifact(out, dtype=dtype)
         evaluation = suite.compare(plan, base, plan.quantized(qmodel.to(dev), qtok))
         times["evaluate_quantized"] = time.perf_counter() - t
         del qmodel
@@ -231,7 +235,7 @@ def evaluate_artifact(folder, ev: suite.Evaluation, *, device: str = "auto", cac
         raise ArtifactError(f"{folder} has no report.json naming its source model; only artifacts written by "
                             "quantfarm can be evaluated against their fp16 source")
     dev = pick_device(device)
-    dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
+    dtype = compute_dtype(dev)
     on_step("resolve")
     src = resolve_model(model_id, revision if _is_commit(revision) else None,
                         allow_pickle=spec.get("allow_pickle", False), trust_remote_code=spec.get("trust_remote_code", False))
