@@ -2,7 +2,8 @@
 
 Multiple-choice tasks score every choice after the same few-shot context (25-shot ARC: ~2,000 tokens of
 context, 4 choices of a few tokens). HFLM runs each (context + choice) in full; here the context runs
-once, its KV cache is repeated for the choices, and only the choice tokens run again. Tokenization,
+once, its KV cache is repeated for the choices, and only the choice tokens run again; a context that
+no other request shares goes through HFLM's batched path as it is. Tokenization,
 truncation rules and generation are HFLM's own, so the requests and scores are those of lm-eval.
 """
 import copy
@@ -16,18 +17,22 @@ class PrefixSharingLM(HFLM):
     @torch.no_grad()
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
         out = [None] * len(requests)
-        groups, long = defaultdict(list), []
+        groups, plain = defaultdict(list), []
         for i, (_, ctx, cont) in enumerate(requests):
             if len(ctx) + len(cont) > self.max_length or not ctx or not cont:
-                long.append(i)                     # HFLM's own left-truncation path
+                plain.append(i)                    # HFLM's own left-truncation path
             else:
                 groups[tuple(ctx)].append(i)
-        if long:
-            for i, r in zip(long, super()._loglikelihood_tokens([requests[i] for i in long], True, override_bs)):
+        for members in groups.values():
+            if len(members) == 1:                  # nothing shared (Winogrande: a context per choice): HFLM
+                plain += members                   # batches these, which beats one context at a time
+        if plain:
+            for i, r in zip(plain, super()._loglikelihood_tokens([requests[i] for i in plain], True, override_bs)):
                 out[i] = r
         for ctx, members in groups.items():
-            for i, r in zip(members, self._score_choices(list(ctx), [requests[i][2] for i in members])):
-                out[i] = r
+            if len(members) > 1:
+                for i, r in zip(members, self._score_choices(list(ctx), [requests[i][2] for i in members])):
+                    out[i] = r
         return out
 
     def _score_choices(self, ctx: list[int], conts: list[list[int]]) -> list[tuple[float, bool]]:

@@ -120,3 +120,33 @@ def test_quality_gate():
     assert quality_failure(0.95, ev) is None
     assert "recovery 0.9700 (average of the task scores" in quality_failure(0.99, ev)
     assert "gives no recovery" in quality_failure(0.9, {"recovery": None})
+
+
+def word_tokenizer():
+    """A tokenizer over the tiny models' vocabulary ("t0" .. "t255"): HFLM needs one to be built."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    tk = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="t0", eos_token="t1", pad_token="t2")
+
+
+def test_prefix_sharing_lm_scores_as_hflm():
+    """Shared contexts (one- and many-token choices), a context of its own, one over max_length and a
+    greedy continuation: the prefix-sharing adapter gives HFLM's log-likelihoods and greedy flags."""
+    from lm_eval.models.huggingface import HFLM
+
+    from evaluation.prefix_lm import PrefixSharingLM
+    model, tok = tiny_model("llama"), word_tokenizer()
+    ids = lambda n, seed: tokens(n, seed).tolist()       # noqa: E731
+    shared, other = ids(20, 1), ids(9, 2)
+    with torch.no_grad():                                 # the model's own greedy 3-token continuation
+        greedy = model.generate(torch.tensor([shared]), max_new_tokens=3, do_sample=False)[0, 20:].tolist()
+    reqs = [(("", ""), shared, c) for c in (ids(1, 3), ids(3, 4), greedy, ids(5, 5), greedy[:1])]
+    reqs += [(("", ""), other, ids(2, 6)), (("", ""), other, ids(4, 7)), (("", ""), ids(7, 8), ids(4, 9)),
+             (("", ""), ids(300, 10), ids(2, 11))]
+    want = HFLM(pretrained=model, tokenizer=tok, batch_size=3, max_length=128)._loglikelihood_tokens(reqs)
+    got = PrefixSharingLM(pretrained=model, tokenizer=tok, batch_size=3, max_length=128)._loglikelihood_tokens(reqs)
+    assert [g for _, g in got] == [g for _, g in want]
+    assert want[2][1] and want[4][1] and not want[1][1]
+    assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in want], abs=1e-4)
