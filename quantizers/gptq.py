@@ -46,7 +46,7 @@ def hessian_inverse_factor(H: torch.Tensor, damp_percent: float):
 
 def quantize_weight(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bool = True,
                     desc_act: bool = False, static_groups: bool = False, damp_percent: float = 0.01,
-                    block_size: int = 128, scale_dtype: torch.dtype = torch.float16,
+                    scale_dtype: torch.dtype = torch.float16,
                     kernel: str = "auto") -> tuple[QuantizedWeight, GPTQStats]:
     """GPTQ-quantize W [out, in] against H [in, in]. Returns the quantized weight and its statistics.
 
@@ -75,6 +75,7 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size:
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
     Hinv, damp = hessian_inverse_factor(H, damp_percent)
+    Hinv = Hinv.contiguous()             # the factor may come column-major; both loops read rows of it
     del H
 
     codes = torch.zeros(out_f, in_f, dtype=torch.uint8, device=W.device)
@@ -83,10 +84,12 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size:
     if group_size == -1:
         made.append(grid_params(W, bits, sym, scale_dtype))
     orig = perm if perm is not None else torch.arange(in_f, device=W.device)
-    use_triton = kernel == "triton" or (kernel == "auto" and W.is_cuda)
-    blocks = _column_blocks_triton if use_triton else _column_blocks_torch
-    loss = blocks(W, Hinv, codes, made, static, orig, bits, gs if group_size != -1 else -1, sym, block_size,
-                  scale_dtype)
+    if kernel == "triton" or (kernel == "auto" and W.is_cuda):
+        from .gptq_triton import quantize_block
+    else:
+        quantize_block = _block_torch
+    loss = _column_blocks(W, Hinv, codes, made, static, orig, bits, gs if group_size != -1 else -1, sym, scale_dtype,
+                          quantize_block)
 
     if static is not None:
         made = static
@@ -102,46 +105,11 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size:
     return qw, GPTQStats(loss=loss.item(), rel_error=relative_error(W0, qw.dequantize(), H0), damp=damp)
 
 
-def _column_blocks_torch(W, Hinv, codes, made, static, orig, bits, gs, sym, block_size, scale_dtype):
-    """The reference loop, one column at a time. Blocks are whole multiples of the group size, so
-    each new group's grid is taken from the block's up-to-date columns (earlier in-block errors
-    already applied). The block is held transposed so a column is a contiguous row; per column only
-    the rounding and the rank-1 update run, codes and errors are stored and reduced per block.
-    Fills `codes` and `made`; returns the GPTQ loss."""
-    in_f = W.shape[1]
-    maxq = 2 ** bits - 1
-    loss = torch.zeros((), device=W.device)
-    scale, zero = made[0] if gs == -1 else (None, None)
-    orig = orig.tolist() if static is not None else None
-    B = block_size if gs == -1 else gs * max(1, -(-block_size // gs))
-    for i1 in range(0, in_f, B):
-        i2 = min(i1 + B, in_f)
-        W1 = W[:, i1:i2].t().contiguous()          # [cols, out]
-        C1 = torch.empty_like(W1)
-        Err1 = torch.empty_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if static is not None:
-                scale, zero = static[orig[col] // gs]
-            elif gs != -1 and col % gs == 0:
-                scale, zero = grid_params(W1[i:i + gs].t(), bits, sym, scale_dtype)
-                made.append((scale, zero))
-            w = W1[i]
-            q = quantize_codes(w, scale, zero, maxq)
-            C1[i] = q
-            err = Err1[i]
-            torch.div(w - scale * (q - zero), Hinv1[i, i], out=err)
-            W1[i + 1:].addr_(Hinv1[i, i + 1:], err, alpha=-1)
-        codes[:, i1:i2] = C1.t().to(torch.uint8)
-        loss += Err1.pow(2).sum() / 2
-        W[:, i2:].addmm_(Err1.t(), Hinv[i1:i2, i2:], alpha=-1)
-    return loss
-
-
-def kernel_block(gs: int) -> int:
-    """Columns per kernel launch: a group never starts inside a block, so every group's grid comes
-    from columns with all earlier errors applied, exactly as in the reference loop."""
+def block_width(gs: int) -> int:
+    """Columns per block, the same in both loops. A group never starts inside a block, so each
+    group's grid comes from columns with all earlier errors applied. Both column loops (torch and
+    Triton) use this one partition, so they round the same float32 operations in the same order.
+    More than 256 columns do not fit the kernel's registers: wider groups span several blocks."""
     if gs == -1:
         return 128
     if gs <= 256:
@@ -149,11 +117,11 @@ def kernel_block(gs: int) -> int:
     return max(d for d in range(1, 129) if gs % d == 0)
 
 
-def _column_blocks_triton(W, Hinv, codes, made, static, orig, bits, gs, sym, block_size, scale_dtype):
-    """The same loop with each block's columns in one Triton kernel (gptq_triton.py)."""
-    from . import gptq_triton
+def _column_blocks(W, Hinv, codes, made, static, orig, bits, gs, sym, scale_dtype, quantize_block):
+    """The lazy-batch loop: each block's columns are quantized one by one by `quantize_block`
+    (_block_torch, or the Triton kernel), then the block's errors reach the later columns in one
+    matrix product. Fills `codes` and `made`; returns the GPTQ loss."""
     in_f = W.shape[1]
-    Hinv = Hinv.contiguous()                    # the Cholesky factor may come column-major
     maxq = 2 ** bits - 1
     loss = torch.zeros((), device=W.device)
     scale, zero = made[0] if gs == -1 else (None, None)
@@ -161,7 +129,7 @@ def _column_blocks_triton(W, Hinv, codes, made, static, orig, bits, gs, sym, blo
         static_scales = torch.stack([s for s, _ in static])        # [G, out]
         static_zeros = torch.stack([z for _, z in static])
         col_group = orig // gs
-    B = kernel_block(gs)
+    B = block_width(gs)
     for i1 in range(0, in_f, B):
         i2 = min(i1 + B, in_f)
         if static is not None:
@@ -169,11 +137,32 @@ def _column_blocks_triton(W, Hinv, codes, made, static, orig, bits, gs, sym, blo
         elif gs != -1 and i1 % gs == 0:
             scale, zero = grid_params(W[:, i1:i1 + gs], bits, sym, scale_dtype)
             made.append((scale, zero))
-        C1, Err1 = gptq_triton.quantize_block(W[:, i1:i2], Hinv[i1:i2, i1:i2], scale, zero, maxq)
+        C1, Err1 = quantize_block(W[:, i1:i2], Hinv[i1:i2, i1:i2], scale, zero, maxq)
         codes[:, i1:i2] = C1.t()
         loss += Err1.pow(2).sum() / 2
         W[:, i2:].addmm_(Err1.t(), Hinv[i1:i2, i2:], alpha=-1)
     return loss
+
+
+def _block_torch(W1, Hinv1, scale, zero, maxq):
+    """One block's column loop in torch, with gptq_triton.quantize_block's contract (scale/zero per
+    row [rows] or per row and column [rows, ncols]; returns codes uint8 and errors, both [ncols, rows]).
+    The block is held transposed so a column is a contiguous row. The update is a product then a
+    subtraction, two roundings, as in the kernel: torch's addr_ contracts them into an FMA on
+    AVX2/AVX-512 builds and not on others, which would make the result depend on the CPU."""
+    Wt = W1.t().contiguous()
+    C = torch.empty_like(Wt)
+    Err = torch.empty_like(Wt)
+    prod = torch.empty_like(Wt)
+    per_col = scale.dim() == 2
+    for i in range(Wt.shape[0]):
+        s, z = (scale[:, i], zero[:, i]) if per_col else (scale, zero)
+        w = Wt[i]
+        q = quantize_codes(w, s, z, maxq)
+        C[i] = q
+        torch.div(w - s * (q - z), Hinv1[i, i], out=Err[i])
+        Wt[i + 1:].sub_(torch.mul(Hinv1[i, i + 1:, None], Err[i], out=prod[i + 1:]))
+    return C.to(torch.uint8), Err
 
 
 def relative_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:

@@ -12,8 +12,9 @@ Rows are independent, so programs never talk to each other. Codes and errors are
 transposed ([B, rows]) so each column's store is contiguous; the caller applies the block's
 errors to the later columns with one matrix product, as the lazy-batch reference does.
 Divisions are IEEE-rounded and rint is done by adding and removing 1.5 * 2^23 (exact for |x| < 2^22),
-so codes equal torch.round's up to FMA contraction in the updates. The kernel also runs under
-TRITON_INTERPRET=1 on CPU tensors, which is how CI-less machines check its logic.
+so codes equal torch.round's up to FMA contraction in the updates (compiled for a GPU, the update
+contracts; under TRITON_INTERPRET=1 on CPU tensors it does not, and then it matches gptq._block_torch
+bit for bit: that is how machines without a GPU check its logic).
 """
 import torch
 import triton

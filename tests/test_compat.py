@@ -187,7 +187,8 @@ def test_transformers_loads_every_tensor(artifact, eco_model):
 
 def test_gptqmodel_dequantizes_our_weights_exactly(artifact, eco_model):
     """gptqmodel's reading of qweight/qzeros/scales/g_idx (v1 zeros + 1, v2 as stored, 3-bit spill,
-    act-order g_idx) gives bit for bit the weights our quantizer produced."""
+    act-order g_idx) gives bit for bit the weights our quantizer produced. Exact on any CPU although
+    the code differs: a float16 scale times an integer below 2^8 is one correctly rounded product."""
     _, _, quantized = artifact
     model, _ = eco_model
     for name, mod in _eco_qlinears(model).items():
@@ -216,6 +217,8 @@ def test_default_cpu_kernel(artifact, request):
     model, info = _load_eco(folder, case.bits, None)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     qlinears = _eco_qlinears(model)
+    # Exact across the two implementations on any CPU: a float16 scale times an integer below 2^8 is
+    # exact in float32 and rounds once to float16, which is also what one float16 multiply gives.
     for name, mod in qlinears.items():       # before the first forward repacks qweight for ATen
         assert torch.equal(_eco_dequantized(mod), quantized[name].dequantize(torch.float16)), name
     kernel = type(next(iter(qlinears.values()))).__name__
@@ -282,7 +285,7 @@ def test_compressed_tensors_decompresses_to_our_weights(bits):
     sd = {"weight_packed": t["qweight"].t().contiguous(), "weight_scale": t["scales"].t().contiguous(),
           "weight_shape": torch.tensor([out_f, in_f])}
     w = PackedQuantizationCompressor.decompress(sd, scheme)["weight"]
-    assert torch.equal(w, qw.dequantize(torch.float16))
+    assert torch.equal(w, qw.dequantize(torch.float16))      # exact: one rounding of an exact product
 
 
 def test_compressed_tensors_group_strategy_needs_whole_groups():

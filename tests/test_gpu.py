@@ -50,8 +50,12 @@ print("RESULT " + json.dumps(out))
 
 
 def test_triton_kernel_logic_under_interpreter():
-    """On CPU the interpreter runs the kernel in numpy float32 without FMA contraction, so it must
-    reproduce the torch loop exactly: same codes, scales, groups and error."""
+    """On CPU the interpreter runs the kernel in numpy float32, each operation rounded once, no FMA.
+    The torch loop does the same operations in the same order (one block partition, the rank-1
+    update as a product and a subtraction, the between-block update as the same matrix product),
+    so the two must agree bit for bit on any CPU: same codes, scales, groups and error. (With
+    torch's addr_, contracted into an FMA on AVX2/AVX-512 builds, and 128-column torch blocks they
+    differed in a few float16 scales on an AMX machine.)"""
     pytest.importorskip("triton")
     root = Path(__file__).resolve().parent.parent
     cases = [c[:5] + ((c[5][0], min(c[5][1], 640)),) for c in CASES]
