@@ -11,10 +11,10 @@ import os
 import time
 from importlib.metadata import version
 from pathlib import Path
-from typing import Callable
+from typing import Annotated, Callable
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 from safetensors.torch import load_file, save_file
 
 from service.errors import EvaluationError
@@ -27,18 +27,25 @@ SUITES = {"quick": TEXT_PARTS, "leaderboard": tuple(TASKS), "none": ()}
 PARTS = TEXT_PARTS + tuple(TASKS)
 
 
+PATH_MAX = 1024          # a request may name a file; nothing unbounded is stored
+Part = Annotated[str, StringConstraints(max_length=64)]
+
+
 class Evaluation(BaseModel):
     """What to evaluate and on what data; not part of the recipe key (the artifact does not depend on it)."""
     model_config = ConfigDict(extra="forbid")
-    suite: str | list[str] = Field("quick", description="quick (perplexity + KLD) | leaderboard (the six Open LLM "
-                                   "Leaderboard v1 tasks) | none | a list of parts: perplexity, kld, " + ", ".join(TASKS))
-    text: str | None = Field(None, description="held-out text source; default WikiText-2 validation when present")
-    windows: int = Field(32, ge=1)
-    window_len: int = Field(512, ge=16)
-    stride: int | None = Field(None, ge=1, description="window step; default window_len (no overlap)")
-    limit: int | None = Field(None, ge=1, description="at most this many text windows, and items per task "
-                              "(for MMLU spread over its subjects), for quick runs")
-    data_dir: str | None = Field(None, description="folder with the task data; default the shared data folder")
+    suite: Part | Annotated[list[Part], Field(max_length=32)] = Field(
+        "quick", description="quick (perplexity + KLD) | leaderboard (the six Open LLM Leaderboard v1 tasks) | "
+                             "none | a list of parts: perplexity, kld, " + ", ".join(TASKS))
+    text: str | None = Field(None, max_length=PATH_MAX,
+                             description="held-out text source; default WikiText-2 validation when present")
+    windows: int = Field(32, ge=1, le=100_000)
+    window_len: int = Field(512, ge=16, le=131_072)
+    stride: int | None = Field(None, ge=1, le=131_072, description="window step; default window_len (no overlap)")
+    limit: int | None = Field(None, ge=1, le=1_000_000, description="at most this many text windows, and items per "
+                              "task (for MMLU spread over its subjects), for quick runs")
+    data_dir: str | None = Field(None, max_length=PATH_MAX,
+                                 description="folder with the task data; default the shared data folder")
     batch_size: int = Field(8, ge=1, le=512)
 
     @field_validator("suite")

@@ -18,7 +18,7 @@ from torch import nn
 
 from service.errors import ArtifactError, SpecError
 
-from . import awq_format, ct_format, gptq_format
+from . import awq_format, ct_format, gptq_format, moe
 from .grid import QuantizedWeight
 
 SHARD_BYTES = 2 * 2 ** 30
@@ -61,7 +61,22 @@ def model_tensors(model, quantized: dict[str, QuantizedWeight], fmt: str) -> dic
         else:
             raise SpecError(f"unknown checkpoint format {fmt!r}")
         tensors.update({f"{name}.{k}": v.cpu() for k, v in t.items()})
-    return tensors
+    rename = moe.checkpoint_renamer(model)            # per-expert names as the family's checkpoints have them
+    return {rename(k): v for k, v in tensors.items()} if rename else tensors
+
+
+def file_to_model_names(model, keys) -> dict[str, str]:
+    """{checkpoint tensor name: in-memory name} for an (unfused) model: model_tensors' renaming undone,
+    module by module (quantized Linears have tensors such as qweight that the model has no entry for)."""
+    rename = moe.checkpoint_renamer(model)
+    if rename is None:
+        return {k: k for k in keys}
+    modules = {rename(n): n for n, _ in model.named_modules() if n}
+    out = {}
+    for k in keys:
+        mod, _, leaf = k.rpartition(".")
+        out[k] = f"{modules[mod]}.{leaf}" if mod in modules else k
+    return out
 
 
 def save_sharded(tensors: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int = SHARD_BYTES):
@@ -101,6 +116,9 @@ def write_artifact(out_dir, model, tokenizer, quantized: dict[str, QuantizedWeig
     try:
         save_sharded(model_tensors(model, quantized, fmt), tmp, max_shard_bytes)
         config = model.config.to_dict()
+        config.pop("_name_or_path", None)            # a path on the machine that made it, meaningless elsewhere
+        if not config.get("architectures"):
+            config["architectures"] = [type(model).__name__]
         config["quantization_config"] = quant_config
         config["dtype"] = str(storage_dtype(model)).removeprefix("torch.")
         config.pop("torch_dtype", None)
@@ -113,6 +131,9 @@ def write_artifact(out_dir, model, tokenizer, quantized: dict[str, QuantizedWeig
             tokenizer.save_pretrained(tmp)
         for name, content in (extra_files or {}).items():
             (tmp / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+        mode = (tmp / "config.json").stat().st_mode & 0o777        # what the umask gives a new file
+        for f in tmp.glob("*.safetensors"):                          # safetensors writes these owner-only
+            f.chmod(mode)
         if out.exists():
             old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(out, old)
@@ -214,7 +235,10 @@ def load_artifact(path, dtype: torch.dtype = torch.float32, with_tokenizer: bool
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    moe.unfuse_experts(model)                    # artifacts hold experts one Linear per expert
     tensors = read_tensors(folder)
+    names = file_to_model_names(model, tensors)
+    tensors = {names[k]: v for k, v in tensors.items()}
     quantized = quantized_weights(tensors, qc)
     for name, qw in quantized.items():
         parent_name, _, child = name.rpartition(".")

@@ -17,6 +17,7 @@ block), then searches a scale per group and folds it into the op that produced t
 math, this file the model plumbing.
 """
 import copy
+import fnmatch
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -26,7 +27,7 @@ from torch import nn
 
 from service.errors import QuantizationError
 
-from . import awq, gptq, rtn
+from . import awq, gptq, moe, rtn
 from .checkpoint import LayerCheckpoint
 from .grid import QuantizedWeight
 from .replay import Replay
@@ -46,6 +47,11 @@ class QuantConfig:
     awq_duo: str = "duo"             # "duo": identity + duo-scaled ratios; "both": half each; "plain"
     awq_clip: bool = True            # AWQ weight-clipping search
     search_dtype: str = "auto"       # AWQ block forwards: auto = bfloat16 where it is fast, else float32
+    awq_search_tokens: int = 8192    # AWQ scale candidates are scored on the first batches up to this many
+                                     # tokens (0: all); Hessians, mean |x| and clipping use every token
+    expert_min_tokens: int = 128     # an MoE expert routed fewer calibration tokens takes the statistics of
+                                     # every token its layer's experts receive (the report counts them)
+    keep: tuple[str, ...] = ()       # module names (fnmatch patterns) left in 16 bits on purpose
     scale_dtype: str = "float16"     # dtype the checkpoint stores scales in (compressed-tensors: the model's)
     batch_size: int = 8              # calibration samples per forward
 
@@ -115,7 +121,75 @@ def _to(v, device):
 
 
 def _linears(layer) -> dict[str, nn.Linear]:
-    return {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+    """The Linears of a layer that take part in quantization: all but MoE routers (moe.ROUTER_LEAVES).
+    Those marked kept (QuantConfig.keep) are smoothed with their group by AWQ but never quantized."""
+    return {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear) and not moe.is_router(n)}
+
+
+def _kept(m: nn.Module) -> bool:
+    return getattr(m, "quantfarm_keep", False)
+
+
+def mark_kept(model, patterns) -> list[str]:
+    """Mark the Linears whose full names match `patterns` (fnmatch) as kept in 16 bits; returns their names."""
+    kept = [n for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    for n in kept:
+        model.get_submodule(n).quantfarm_keep = True
+    return kept
+
+
+MIN_COVERAGE = 0.99
+
+
+def coverage(model, keep: tuple[str, ...] = ()) -> dict:
+    """Which weight matrices of the decoder layers are quantized: Linears (experts included, once
+    unfused) but routers and kept ones. `fraction` = quantized / (quantized + missed), where missed
+    are matrices quantfarm cannot quantize (a layout it does not know); routers and kept ones are left
+    in 16 bits on purpose and listed apart."""
+    layers = decoder_layers(model)
+    base = next(n for n, m in model.named_modules() if m is layers)
+    out = {"quantized_params": 0, "missed": [], "kept": [], "routers": []}
+    missed = 0
+    for name, p in layers.named_parameters():
+        if p.dim() < 2:
+            continue
+        owner = name.rpartition(".")[0]
+        mod, full = layers.get_submodule(owner), f"{base}.{owner}"
+        if moe.is_router(owner):
+            out["routers"].append(full)
+        elif isinstance(mod, nn.Linear) and name.endswith(".weight"):
+            if _kept(mod):
+                out["kept"].append(full)
+            else:
+                out["quantized_params"] += p.numel()
+        elif any(fnmatch.fnmatchcase(full, k) or fnmatch.fnmatchcase(f"{base}.{name}", k) for k in keep):
+            out["kept"].append(f"{base}.{name}")
+        else:
+            out["missed"].append(f"{base}.{name}")
+            missed += p.numel()
+    out["fraction"] = out["quantized_params"] / max(out["quantized_params"] + missed, 1)
+    return out
+
+
+def check_coverage(cov: dict):
+    if cov["fraction"] < MIN_COVERAGE:
+        shown = ", ".join(cov["missed"][:8]) + (f" and {len(cov['missed']) - 8} more" if len(cov["missed"]) > 8 else "")
+        raise QuantizationError(f"only {100 * cov['fraction']:.1f}% of the decoder layers' weight matrices would be "
+                                f"quantized; quantfarm does not know how to quantize {shown}. Name them in the job's "
+                                "`keep` list to leave them in 16 bits on purpose")
+
+
+def _one_sample(layer, hidden, kwargs):
+    """The layer on the first calibration sample, every expert visited (routed or not)."""
+    experts = [m for m in layer.modules() if isinstance(m, moe.UnfusedExperts)]
+    for m in experts:
+        m.visit_all = True
+    try:
+        _run_layer(layer, hidden[0][:1], _slice_kwargs(kwargs[0], 1))
+    finally:
+        for m in experts:
+            m.visit_all = False
 
 
 @torch.no_grad()
@@ -126,7 +200,7 @@ def input_groups(layer, hidden, kwargs) -> list[list[str]]:
     hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: order.append((n, args[0])))
              for n, m in linears.items()]
     try:
-        _run_layer(layer, hidden[0][:1], _slice_kwargs(kwargs[0], 1))
+        _one_sample(layer, hidden, kwargs)
     finally:
         for h in hooks:
             h.remove()
@@ -158,8 +232,11 @@ def _run_layer(layer, h, kw):
 
 
 @torch.no_grad()
-def collect_hessians(layer, groups: list[list[str]], hidden, kwargs, device, replay: Replay) -> dict[str, torch.Tensor]:
-    """One Hessian per group, from its first Linear's inputs over all batches."""
+def collect_hessians(layer, groups: list[list[str]], hidden, kwargs, device, replay: Replay,
+                     min_tokens: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """One Hessian per group, from its first Linear's inputs over all batches, and {group: tokens routed
+    to it} for MoE experts' groups. Those routed fewer than `min_tokens` tokens take the Hessian of all
+    the tokens the layer's experts receive instead (moe.all_token_stats)."""
     linears = _linears(layer)
     acc = {g[0]: gptq.HessianAccumulator(linears[g[0]].in_features, device) for g in groups}
     last = groups[-1][0]
@@ -183,7 +260,12 @@ def collect_hessians(layer, groups: list[list[str]], hidden, kwargs, device, rep
         for h in hooks:
             h.remove()
     replay.end_pass()
-    return {name: a.result() for name, a in acc.items()}
+    out = {name: a.result() for name, a in acc.items()}
+    routed = {n: a.n for n, a in acc.items() if moe.EXPERT.match(n)}
+    starved = [n for n, c in routed.items() if c < min_tokens]
+    for n, (fallback, _) in moe.all_token_stats(layer, starved, hidden, kwargs, device, _run_layer, replay).items():
+        out[n] = fallback.result()
+    return out, routed
 
 
 def run_layer_batches(layer, hidden, kwargs, replay: Replay) -> list[torch.Tensor]:
@@ -291,7 +373,7 @@ def smoothing_plan(layer, groups: list[list[str]], hidden, kwargs) -> list[Smoot
     hooks = [m.register_forward_hook(on_norm(n)) for n, m in norms.items()]
     hooks += [linears[g[0]].register_forward_pre_hook(on_linear(g[0])) for g in groups]
     try:
-        _run_layer(layer, hidden[0][:1], _slice_kwargs(kwargs[0], 1))
+        _one_sample(layer, hidden, kwargs)
     finally:
         for h in hooks:
             h.remove()
@@ -334,9 +416,11 @@ def _cast(v, dtype):
 
 
 @torch.no_grad()
-def _capture_awq(layer, groups, plan, hidden, kwargs, dtype):
+def _capture_awq(layer, groups, plan, hidden, kwargs, dtype, search_tokens: int = 0):
     """One full forward of the layer: each group's Hessian and mean |x|, and the calls into each
-    scored block (inputs cast to the search dtype)."""
+    scored block (inputs cast to the search dtype) from the batches that start within the first
+    `search_tokens` tokens (0: all). The scale search forwards its block once per candidate over
+    these calls, so their number sets its cost (BENCHMARKS.md, "AWQ search tokens")."""
     linears = _linears(layer)
     acc = {g[0]: gptq.HessianAccumulator(linears[g[0]].in_features, hidden[0].device) for g in groups}
     absum = {g[0]: torch.zeros(linears[g[0]].in_features, device=hidden[0].device) for g in groups}
@@ -348,22 +432,28 @@ def _capture_awq(layer, groups, plan, hidden, kwargs, dtype):
             absum[name] += args[0].detach().abs().float().reshape(-1, args[0].shape[-1]).sum(0)
         return hook
 
+    recording = [True]
+
     def on_block(name):
         def hook(_m, args, kw):
-            calls[name].append((_cast(args, dtype), {k: _cast(v, dtype) for k, v in kw.items()}))
+            if recording[0]:
+                calls[name].append((_cast(args, dtype), {k: _cast(v, dtype) for k, v in kw.items()}))
         return hook
 
     hooks = [linears[g[0]].register_forward_pre_hook(on_input(g[0])) for g in groups]
     hooks += [layer.get_submodule(b).register_forward_pre_hook(on_block(b), with_kwargs=True) for b in calls]
+    seen = 0
     try:
         for h, kw in zip(hidden, kwargs):
+            recording[0] = not search_tokens or seen < search_tokens
             _run_layer(layer, h, kw)
+            seen += h.shape[0] * h.shape[1]
     finally:
         for h in hooks:
             h.remove()
     H = {n: a.result() for n, a in acc.items()}
     x_mean = {n: absum[n] / max(acc[n].n, 1) for n in acc}
-    return H, x_mean, calls
+    return H, x_mean, calls, {n: a.n for n, a in acc.items()}
 
 
 class BlockLoss:
@@ -424,8 +514,16 @@ def quantize_layer_awq(layer, hidden, kwargs, cfg: QuantConfig, dtype: torch.dty
     linears = _linears(layer)
     groups = input_groups(layer, hidden, kwargs)
     plan = smoothing_plan(layer, groups, hidden, kwargs)
-    H, x_mean, calls = _capture_awq(layer, groups, plan, hidden, kwargs, dtype)
+    H, x_mean, calls, counts = _capture_awq(layer, groups, plan, hidden, kwargs, dtype, cfg.awq_search_tokens)
     info = {n: {} for n in linears}
+    routed = {n: c for n, c in counts.items() if moe.EXPERT.match(n)}
+    starved = [n for n, c in routed.items() if c < cfg.expert_min_tokens]
+    for n, (acc, absum) in moe.all_token_stats(layer, starved, hidden, kwargs, hidden[0].device, _run_layer).items():
+        H[n], x_mean[n] = acc.result(), absum / max(acc.n, 1)
+    for g in groups:
+        if g[0] in routed:
+            for m in g:
+                info[m].update(moe.expert_note(routed[g[0]], cfg.expert_min_tokens))
     for sm in plan:
         first = sm.group[0]
         weights = [linears[n].weight.float() for n in sm.group]
@@ -445,6 +543,8 @@ def quantize_layer_awq(layer, hidden, kwargs, cfg: QuantConfig, dtype: torch.dty
     results = {}
     for g in groups:
         for n in g:
+            if _kept(linears[n]):
+                continue
             W = linears[n].weight.float()
             clip = cfg.awq_clip and n.rpartition(".")[2] not in QUERY_KEY
             qw = awq.quantize_weight(awq.search_clip(W, H[g[0]], cfg.bits, cfg.group_size) if clip else W,
@@ -477,6 +577,8 @@ def quantize_model(model, tokens: torch.Tensor | None, cfg: QuantConfig, device=
     checks them against the reference loop).
     """
     device = torch.device(device)
+    moe.unfuse_experts(model)              # fused 3-D experts become per-expert Linears (in place)
+    mark_kept(model, cfg.keep)
     layers = decoder_layers(model)
     prefix = _module_names(model, layers)
     block_dtype = search_dtype(cfg.search_dtype, device) if cfg.algorithm == "awq" else None
@@ -516,17 +618,20 @@ def quantize_model(model, tokens: torch.Tensor | None, cfg: QuantConfig, device=
             layer_results = {f"{prefix[i]}.{n}": qw for n, qw in res.items()}
             hidden = [_run_layer(layer, h, kw) for h, kw in zip(hidden, kwargs)]
         elif needs_data:
-            groups = input_groups(layer, hidden, kwargs)
-            stages = [[g] for g in groups] if cfg.true_sequential else [groups]
+            groups = [g for g in ([n for n in g if not _kept(linears[n])] for g in input_groups(layer, hidden, kwargs))
+                      if g]
+            stages = moe.stages(groups) if cfg.true_sequential else [groups]
             replay = Replay(layer, len(hidden), replay_bytes)
             try:
                 for stage in stages:
-                    Hs = collect_hessians(layer, stage, hidden, kwargs, device, replay)
+                    Hs, routed = collect_hessians(layer, stage, hidden, kwargs, device, replay, cfg.expert_min_tokens)
                     for g in stage:
                         W = torch.cat([linears[n].weight.float() for n in g]) if on_group else None
                         for n, (qw, info) in zip(g, quantize_group([linears[n] for n in g], Hs[g[0]], cfg)):
                             layer_results[f"{prefix[i]}.{n}"] = qw
                             report.modules[n] = info
+                            if g[0] in routed:
+                                info.update(moe.expert_note(routed[g[0]], cfg.expert_min_tokens))
                         if on_group:
                             on_group(i, g, W, Hs[g[0]], info)
                         replay.freeze(linears[n] for n in g)
@@ -536,6 +641,8 @@ def quantize_model(model, tokens: torch.Tensor | None, cfg: QuantConfig, device=
                 replay.close()
         else:
             for n, m in linears.items():
+                if _kept(m):
+                    continue
                 (qw, info), = quantize_group([m], None, cfg)
                 layer_results[f"{prefix[i]}.{n}"] = qw
                 report.modules[n] = info

@@ -52,17 +52,27 @@ def from_tensors(t: dict[str, torch.Tensor], bits: int, fmt: str, sym: bool, gro
                            bits, group_size, sym)
 
 
+def act_order(desc_act: bool, static_groups: bool) -> str:
+    """none | static (columns in Hessian order, groups in natural order: g_idx = c // group_size) |
+    dynamic (groups formed in Hessian order: non-monotonic g_idx)."""
+    return "none" if not desc_act else ("static" if static_groups else "dynamic")
+
+
 def quantization_config(bits, group_size, sym, desc_act, static_groups, true_sequential, damp_percent, meta) -> dict:
+    """`desc_act` tells a loader whether g_idx may be non-monotonic (it must then gather scales per input
+    channel; vLLM refuses such checkpoints): only dynamic act-order with groups makes it so. Static
+    act-order leaves an ordinary desc_act=false checkpoint, so what was done is kept in `meta.act_order`."""
+    order = act_order(desc_act, static_groups)
     return {
         "quant_method": "gptq",
         "bits": bits,
         "group_size": group_size,
-        "desc_act": desc_act,
+        "desc_act": order == "dynamic" and group_size != -1,
         "sym": sym,
         "checkpoint_format": checkpoint_format(sym),
         "true_sequential": true_sequential,
         "static_groups": static_groups,
         "damp_percent": damp_percent,
         "lm_head": False,
-        "meta": meta,
+        "meta": {**meta, "act_order": order},
     }

@@ -1,14 +1,19 @@
 """Bearer tokens with roles, from configuration.
 
 Roles nest: admin > submit > read. `read` sees jobs and downloads artifacts, `submit` also submits,
-cancels and retries its own jobs, `admin` acts on every job. Every mutating endpoint needs a token;
-reads without one are allowed only when `anonymous_read` is set.
+cancels and retries its own jobs, `admin` acts on every job (and alone may ask for remote code or pickle
+weights, where the server allows them at all). Every endpoint needs a token; reads without one are
+allowed only when `anonymous_read` is set, and the API docs or metrics when `public` lists them.
 
 The tokens file (JSON):
 
-    {"anonymous_read": false,
+    {"anonymous_read": false, "public": ["docs", "metrics"],
      "tokens": [{"name": "ci", "token": "...", "roles": ["submit"]}, ...]}
+
+A token without a name gets its own identity, "unnamed-" and a digest of the token, so two unnamed
+tokens never own each other's jobs.
 """
+import hashlib
 import hmac
 import json
 import os
@@ -19,6 +24,7 @@ from pathlib import Path
 from .errors import QuantfarmError
 
 RANK = {"read": 1, "submit": 2, "admin": 3}
+PUBLIC_PARTS = ("docs", "metrics")
 
 
 @dataclass(frozen=True)
@@ -41,9 +47,18 @@ class Forbidden(QuantfarmError):
     http_status = 403
 
 
+def _token_bytes(token: str) -> bytes:
+    return token.encode("utf-8", "surrogateescape")
+
+
+def unnamed_identity(token: str) -> str:
+    return "unnamed-" + hashlib.sha256(_token_bytes(token)).hexdigest()[:12]
+
+
 class Auth:
-    def __init__(self, tokens: dict[str, Principal], anonymous_read: bool = False):
-        self.tokens, self.anonymous_read = tokens, anonymous_read
+    def __init__(self, tokens: dict[str, Principal], anonymous_read: bool = False, public: tuple = ()):
+        self.tokens, self.anonymous_read, self.public = tokens, anonymous_read, frozenset(public)
+        self._digests = [(hashlib.sha256(_token_bytes(t)).digest(), p) for t, p in tokens.items()]
 
     @classmethod
     def from_file(cls, path: Path) -> "Auth":
@@ -55,22 +70,36 @@ class Auth:
         for t in cfg.get("tokens", []):
             roles = t.get("roles") or []
             bad = [r for r in roles if r not in RANK]
-            if bad or not roles or not t.get("token"):
+            if bad or not roles or not isinstance(t.get("token"), str) or not t["token"]:
                 raise QuantfarmError(f"tokens file {path}: entry {t.get('name')!r} needs a token and roles from "
                                      f"{list(RANK)} (got {roles})")
-            tokens[t["token"]] = Principal(t.get("name") or "unnamed", max(roles, key=RANK.get))
-        return cls(tokens, bool(cfg.get("anonymous_read", False)))
+            name = t.get("name") or unnamed_identity(t["token"])
+            if not isinstance(name, str) or len(name) > 100:
+                raise QuantfarmError(f"tokens file {path}: a token's name must be a string of at most 100 characters")
+            tokens[t["token"]] = Principal(name, max(roles, key=RANK.get))
+        public = cfg.get("public", [])
+        if not isinstance(public, list) or any(p not in PUBLIC_PARTS for p in public):
+            raise QuantfarmError(f"tokens file {path}: public lists what needs no token, from {list(PUBLIC_PARTS)} "
+                                 f"(got {public!r})")
+        return cls(tokens, bool(cfg.get("anonymous_read", False)), tuple(public))
 
-    def check(self, authorization: str | None, role: str) -> Principal:
-        """The caller behind an Authorization header, if it may act as `role`."""
-        if not authorization:
-            if role == "read" and self.anonymous_read:
+    def check(self, authorization: str | None, role: str, part: str | None = None) -> Principal:
+        """The caller behind an Authorization header, if it may act as `role`. `part` (docs, metrics): a read
+        that the tokens file may open to everyone."""
+        if role == "read" and (self.anonymous_read or part in self.public):
+            if not authorization:
                 return ANONYMOUS
+        if not authorization:
             raise AuthError("missing bearer token: send 'Authorization: Bearer <token>'")
         scheme, _, token = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not token:
+        if scheme.lower() != "bearer" or not token.strip():
             raise AuthError("malformed Authorization header: expected 'Bearer <token>'")
-        who = next((p for t, p in self.tokens.items() if hmac.compare_digest(t, token.strip())), None)
+        # digests of equal length, compared with every known token: no early exit, any characters
+        given = hashlib.sha256(_token_bytes(token.strip())).digest()
+        who = None
+        for digest, principal in self._digests:
+            if hmac.compare_digest(digest, given):
+                who = principal
         if who is None:
             raise AuthError("unknown token")
         if not who.can(role):

@@ -42,3 +42,8 @@ class NotImplementedFeature(QuantfarmError):
 
 class EvaluationError(QuantfarmError):
     """An evaluation cannot run (missing task data, unknown task, no baseline to compare with)."""
+
+
+class StorageError(QuantfarmError):
+    """An output or store location cannot take what is to be written (not writable, too little space)."""
+    http_status = 507

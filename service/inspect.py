@@ -26,7 +26,10 @@ def _headers(folder: Path) -> dict[str, dict]:
 def settings_of(qc: dict) -> preflight.Settings:
     method = qc.get("quant_method")
     if method == "gptq":
-        act = "none" if not qc.get("desc_act") else ("static" if qc.get("static_groups") else "dynamic")
+        # quantfarm records the act-order in meta: static act-order is written as desc_act: false (g_idx is
+        # monotonic); other GPTQ writers only have desc_act and static_groups to go by
+        act = qc.get("meta", {}).get("act_order") or \
+            ("none" if not qc.get("desc_act") else ("static" if qc.get("static_groups") else "dynamic"))
         return preflight.Settings("gptq", qc.get("meta", {}).get("algorithm", "gptq"), qc["bits"], qc["group_size"],
                                   qc.get("sym", True), act)
     if method == "awq":
@@ -98,7 +101,8 @@ def render(d: dict) -> str:
         lines.append(f"quantizer    {', '.join(q.get('quantizer', []))} from {q.get('source_model')} @ "
                      f"{q.get('source_revision')}; calibration {q.get('calibration')} ({q.get('calibration_hash')})")
     for v in d["compatibility"]:
-        lines.append(f"{v['runtime']:<13}{v['path'] if v['ok'] else 'not loadable'}"
+        runtime = f"{v['runtime']} ({v['device'].upper()})" if v.get("device") else v["runtime"]
+        lines.append(f"{runtime:<13}{v['path'] if v['ok'] else 'not loadable'}"
                      + "".join(f"\n             - {n}" for n in v["notes"]))
     p = (d.get("report") or {}).get("perplexity")
     if p:

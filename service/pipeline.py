@@ -4,6 +4,7 @@ The CLI's `quantize` and (later) the job workers both call `run`; the steps repo
 through callbacks so each front end shows it its own way.
 """
 import dataclasses
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -16,9 +17,10 @@ from calibration import build_calibration, eval_tokens
 from calibration.data import resolve_eval_source
 from evaluation import report, suite
 from quantizers import artifact, awq_format, ct_format, gptq_format
-from quantizers.driver import LayerReport, QuantConfig, quantize_model
+from quantizers import moe
+from quantizers.driver import LayerReport, QuantConfig, check_coverage, coverage, mark_kept, quantize_model
 
-from . import preflight
+from . import preflight, storage
 from .errors import ArtifactError, SpecError
 from .sources import load_model, resolve_model
 from .spec import JobSpec
@@ -51,6 +53,7 @@ class Result:
     revision: str | None
     recipe_key: str
     calibration_hash: str
+    calibration_source: str | None = None
     seconds: dict = field(default_factory=dict)
     size_before_bytes: int = 0
     size_after_bytes: int = 0
@@ -58,6 +61,7 @@ class Result:
     layers: list = field(default_factory=list)
     warnings: list = field(default_factory=list)
     preflight: dict = field(default_factory=dict)
+    coverage: dict = field(default_factory=dict)
     evaluation: dict = field(default_factory=dict)
 
     @property
@@ -105,12 +109,41 @@ def quantization_config(cfg: QuantConfig, fmt: str, meta: dict) -> tuple[dict, d
     raise SpecError(f"unknown format {fmt!r}")
 
 
+def declare_kept(qc: dict, fmt: str, names: list[str]) -> dict:
+    """Tell the loaders which decoder Linears stay 16-bit, each format its own way: compressed-tensors'
+    `ignore` list, AWQ's `modules_to_not_convert`, GPTQ's `dynamic` rules ("-:" + a regex: skip)."""
+    if not names:
+        return qc
+    if fmt == "compressed-tensors":
+        qc["ignore"] = [*qc.get("ignore", []), *names]
+    elif fmt == "awq":
+        qc["modules_to_not_convert"] = names
+    else:
+        qc["dynamic"] = {f"-:^{re.escape(n)}$": {} for n in names}
+    return qc
+
+
 def save(out_dir, model, tokenizer, quantized, cfg: QuantConfig, fmt: str, meta: dict, overwrite: bool = False) -> Path:
     """Write the artifact in one of the formats, with its quantization_config and side file."""
     qc, side = quantization_config(cfg, fmt, meta)
+    rename = moe.checkpoint_renamer(model) or (lambda n: n)
+    kept = [rename(n) for n, m in model.named_modules() if getattr(m, "quantfarm_keep", False)]
+    declare_kept(qc, fmt, kept)                    # in place: GPTQ's side file is the same dict
     layout = qc.get("checkpoint_format", fmt)      # gptq_v2 for asymmetric GPTQ
     return artifact.write_artifact(out_dir, model, tokenizer, quantized, layout, qc, side_files=side,
                                    overwrite=overwrite)
+
+
+def artifact_size_estimate(model, cfg: QuantConfig) -> int:
+    """Bytes the artifact's weights will take: the decoder Linears at `bits` plus a 16-bit scale and
+    a zero per group and row, everything else at 16 bits."""
+    from quantizers.driver import decoder_layers
+    quantized = [m for m in decoder_layers(model).modules() if isinstance(m, torch.nn.Linear)]
+    q_params = sum(m.weight.numel() for m in quantized)
+    groups = sum(m.out_features * (1 if cfg.group_size == -1 else -(-m.in_features // cfg.group_size))
+                 for m in quantized)
+    others = sum(p.numel() for p in model.parameters()) - q_params
+    return q_params * cfg.bits // 8 + groups * 3 + others * 2
 
 
 def artifact_bytes(folder: Path) -> int:
@@ -141,25 +174,31 @@ def quality_failure(min_recovery: float | None, evaluation: dict) -> str | None:
 
 def run(spec: JobSpec, out_dir, *, device: str = "auto", state_dir=None, overwrite: bool = False, cache_dir=None,
         on_step: Callable[[str], None] = _noop, on_layer: Callable[[LayerReport, int], None] = _noop,
-        should_stop: Callable[[], bool] | None = None) -> Result:
+        should_stop: Callable[[], bool] | None = None, model_roots: list | None = None) -> Result:
     """Run the whole job and return its summary; the artifact lands in `out_dir` with its report files.
-    fp16 baselines are cached under `cache_dir` (None: not cached)."""
+    fp16 baselines are cached under `cache_dir` (None: not cached); `model_roots` (farm workers) confines
+    local models to those folders."""
     times = {}
     t0 = time.perf_counter()
     dev = pick_device(device)
-    if Path(out_dir).exists() and not overwrite:
-        raise ArtifactError(f"{out_dir} already exists; choose another --out or pass --overwrite")
+    storage.check_replaceable(out_dir, overwrite)
+    storage.check_writable(out_dir)                                     # before anything is loaded
 
     on_step("resolve")
     src = resolve_model(spec.model, spec.revision, allow_pickle=spec.allow_pickle,
-                        trust_remote_code=spec.trust_remote_code)
+                        trust_remote_code=spec.trust_remote_code, local_roots=model_roots)
     revision = src.revision or src.content_hash
     dtype = compute_dtype(dev)
     model, tokenizer = load_model(src, dtype=dtype)
     round_to_storage(model)
+    moe.unfuse_experts(model)                                           # experts as per-expert Linears
     cfg = with_scale_dtype(spec.quant_config(), spec.format, model)
+    mark_kept(model, cfg.keep)
+    cover = coverage(model, cfg.keep)
+    check_coverage(cover)                                               # no silent 16-bit weights
     checks = preflight.report(settings(cfg, spec.format), preflight.model_shapes(model))
     preflight.refuse_unwritable(checks)                                 # before any quantization work
+    storage.check_space(out_dir, artifact_size_estimate(model, cfg))
     notes = [f"{v['runtime']}: {n}" for v in checks["runtimes"] for n in v["notes"]]
     size_before = sum(p.numel() for p in model.parameters()) * 2
     times["load"] = time.perf_counter() - t0
@@ -192,6 +231,7 @@ def run(spec: JobSpec, out_dir, *, device: str = "auto", state_dir=None, overwri
                                         checkpoint_dir=state_dir, recipe=recipe, on_layer=on_layer,
                                         should_stop=should_stop)
     times["quantize"] = time.perf_counter() - t
+    cover["experts"] = moe.summary(reports)
 
     on_step("save")
     t = time.perf_counter()
@@ -215,10 +255,10 @@ def run(spec: JobSpec, out_dir, *, device: str = "auto", state_dir=None, overwri
     times["total"] = time.perf_counter() - t0
 
     result = Result(artifact=str(out), model=spec.model, revision=revision, recipe_key=key,
-                    calibration_hash=meta["calibration_hash"], seconds=times, size_before_bytes=size_before,
+                    calibration_hash=meta["calibration_hash"], calibration_source=meta["calibration"], seconds=times, size_before_bytes=size_before,
                     size_after_bytes=artifact_bytes(out), perplexity=perplexity_summary(evaluation),
                     layers=[{"index": r.index, "seconds": r.seconds, "modules": r.modules} for r in reports],
-                    warnings=notes, preflight=checks, evaluation=evaluation)
+                    warnings=notes, preflight=checks, coverage=cover, evaluation=evaluation)
     report.write(out, {"quantfarm": quantfarm_version(), "spec": spec.model_dump(), **asdict(result)})
     return result
 

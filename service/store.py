@@ -8,6 +8,7 @@ never need row locks: whoever's update matches wins, the others see rowcount 0.
     queued -> running -> succeeded | failed | failed_quality | cancelled
     running --lease expired--> queued (attempt + 1) or failed after max_attempts
 """
+import os
 import time
 import uuid
 from pathlib import Path
@@ -66,8 +67,27 @@ artifacts = Table(
     Column("created_at", Float, nullable=False),
 )
 
+workers = Table(
+    "workers", metadata,
+    Column("id", String(200), primary_key=True),
+    Column("device", String(40), nullable=False),
+    Column("memory_gb", Float, nullable=False),        # what a job may use there (GPU memory, or host memory)
+    Column("seen_at", Float, nullable=False, index=True),
+)
+
 TERMINAL = ("succeeded", "failed", "failed_quality", "cancelled")
 STATES = ("queued", "running") + TERMINAL
+RESUBMITTABLE = ("failed", "cancelled")      # the same recipe submitted again makes a new job
+
+
+def private_sqlite_file(path: Path) -> None:
+    """The store holds every job's spec and owner: create it owner-only (0600); SQLite gives its -wal and
+    -shm files the database file's mode, and files made by older versions are narrowed too."""
+    if not path.exists():
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    for f in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        if f.exists() and f.stat().st_mode & 0o077:
+            f.chmod(0o600)
 
 
 def make_engine(url: str):
@@ -76,6 +96,7 @@ def make_engine(url: str):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
+            private_sqlite_file(Path(path))
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
 
         @event.listens_for(engine, "connect")
@@ -123,28 +144,44 @@ class Store:
     def submit(self, spec: dict, recipe_key: str, model: str, revision: str | None, *, priority: int = 0,
                memory_gb: float = 0.0, max_attempts: int = 3, submitted_by: str | None = None,
                force: bool = False) -> tuple[dict, bool]:
-        """Store a job unless one with the same recipe exists; returns (job, created)."""
-        now = time.time()
-        job_id = uuid.uuid4().hex
-        dedup = f"{recipe_key}:{job_id}" if force else recipe_key
-        row = dict(id=job_id, dedup_key=dedup, recipe_key=recipe_key, model=model, revision=revision, spec=spec,
-                   state="queued", step=None, layers_done=0, priority=priority, memory_gb=memory_gb, attempt=1,
-                   max_attempts=max_attempts, cancel_requested=False, submitted_by=submitted_by, created_at=now)
-        try:
+        """Store a job unless one with the same recipe exists; returns (job, created). A failed or cancelled
+        job does not hold its recipe: it is retired (its dedup key gets its id appended) and a new job made."""
+        for _ in range(5):
+            now = time.time()
+            job_id = uuid.uuid4().hex
+            dedup = f"{recipe_key}:{job_id}" if force else recipe_key
+            row = dict(id=job_id, dedup_key=dedup, recipe_key=recipe_key, model=model, revision=revision, spec=spec,
+                       state="queued", step=None, layers_done=0, priority=priority, memory_gb=memory_gb, attempt=1,
+                       max_attempts=max_attempts, cancel_requested=False, submitted_by=submitted_by, created_at=now)
+            try:
+                with self.engine.begin() as c:
+                    c.execute(insert(jobs).values(**row))
+                    self._event(c, job_id, "state", "queued", {"priority": priority})
+                return self.get(job_id), True
+            except IntegrityError:
+                with self.engine.connect() as c:
+                    existing = _row(c.execute(select(jobs).where(jobs.c.dedup_key == recipe_key)).first())
+            if existing is None:       # retired by a concurrent resubmission in between: try again
+                continue
+            if existing["state"] not in RESUBMITTABLE:
+                return existing, False
             with self.engine.begin() as c:
-                c.execute(insert(jobs).values(**row))
-                self._event(c, job_id, "state", "queued", {"priority": priority})
-            return self.get(job_id), True
-        except IntegrityError:
-            with self.engine.connect() as c:
-                existing = _row(c.execute(select(jobs).where(jobs.c.dedup_key == recipe_key)).first())
-            if existing is None:       # lost a race with a forced duplicate: cannot happen, keys differ
-                raise
-            return existing, False
+                if c.execute(update(jobs).where(jobs.c.id == existing["id"], jobs.c.dedup_key == recipe_key,
+                                                jobs.c.state.in_(RESUBMITTABLE)).values(
+                        dedup_key=f"{recipe_key}:{existing['id']}")).rowcount:
+                    self._event(c, existing["id"], "log", "the same recipe was submitted again: a new job runs it")
+        raise RuntimeError(f"recipe {recipe_key} kept changing hands during submission")    # 5 lost races
 
     def get(self, job_id: str) -> dict | None:
         with self.engine.connect() as c:
             return _row(c.execute(select(jobs).where(jobs.c.id == job_id)).first())
+
+    def ids_starting(self, kind: str, prefix: str, limit: int = 3) -> list[str]:
+        """Ids of jobs (kind "job") or artifacts ("artifact") that start with `prefix`, at most `limit`."""
+        table = {"job": jobs, "artifact": artifacts}[kind]
+        with self.engine.connect() as c:
+            return [r.id for r in c.execute(select(table.c.id).where(table.c.id.startswith(prefix, autoescape=True))
+                                            .order_by(table.c.id).limit(limit))]
 
     def list_jobs(self, state: str | None = None, model: str | None = None, limit: int = 50, offset: int = 0):
         q = select(jobs)
@@ -246,6 +283,46 @@ class Store:
                                 {"reason": f"lease of {j['worker']} expired", "attempt": values.get("attempt")})
                     n += 1
         return n
+
+    def release(self, job_id: str, worker: str) -> bool:
+        """A worker that is shutting down hands its running job back to the queue at once (same attempt;
+        the next worker resumes from its checkpoints) instead of making it wait for the lease to run out."""
+        with self.engine.begin() as c:
+            done = c.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.worker == worker,
+                                                jobs.c.state == "running").values(
+                state="queued", worker=None, lease_expires=None)).rowcount == 1
+            if done:
+                self._event(c, job_id, "state", "queued", {"reason": f"worker {worker} stopped"})
+        return done
+
+    # ---- workers ----------------------------------------------------------------------------------
+
+    def worker_seen(self, worker: str, device: str, memory_gb: float) -> None:
+        """A worker says it is alive, with its memory budget."""
+        now = time.time()
+        with self.engine.begin() as c:
+            if c.execute(update(workers).where(workers.c.id == worker)
+                         .values(seen_at=now, memory_gb=memory_gb)).rowcount:
+                return
+        try:
+            with self.engine.begin() as c:
+                c.execute(insert(workers).values(id=worker, device=device[:40], memory_gb=memory_gb, seen_at=now))
+        except IntegrityError:
+            pass                                    # a second beat of the same worker got there first
+
+    def worker_gone(self, worker: str) -> None:
+        with self.engine.begin() as c:
+            c.execute(workers.delete().where(workers.c.id == worker))
+
+    def largest_worker_gb(self, within_seconds: float) -> float | None:
+        """The largest memory budget among workers seen in the last `within_seconds`; None when none was."""
+        with self.engine.connect() as c:
+            return c.execute(select(func.max(workers.c.memory_gb))
+                             .where(workers.c.seen_at > time.time() - within_seconds)).scalar()
+
+    def latest_event_id(self) -> int:
+        with self.engine.connect() as c:
+            return c.execute(select(func.max(events.c.id))).scalar() or 0
 
     def finish(self, job_id: str, worker: str, state: str, *, error: str | None = None, result: dict | None = None,
                artifact: dict | None = None) -> bool:

@@ -5,13 +5,21 @@ pipeline asks `should_stop` at every layer boundary, so cancelling (or losing th
 worker after a stall) stops the run there. Per-layer checkpoints live under HOME/state/JOB, so a
 job requeued after its worker died resumes from the last completed layer on whichever worker
 claims it next.
+
+A worker started by `serve` dies with it: the kernel sends it SIGTERM when serve goes (Linux
+PR_SET_PDEATHSIG), and the poll loop and heartbeat also watch the parent pid, so even a serve killed
+with SIGKILL leaves no worker holding a lease past one lease period. SIGTERM/SIGINT stop a running job
+at its next layer boundary and hand it back to the queue.
 """
+import ctypes
 import logging
 import os
 import shutil
 import signal
 import socket
+import sys
 import threading
+import time
 import traceback
 from pathlib import Path
 
@@ -21,24 +29,56 @@ from quantizers.driver import Cancelled
 
 from . import pipeline
 from .errors import QuantfarmError
+from .policy import Policy, check_local_files, check_trust
 from .spec import JobSpec
 from .store import Store, migrate
 
 log = logging.getLogger("quantfarm.worker")
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Ask the kernel for SIGTERM when the parent goes; exit at once if it is already gone."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        except (OSError, AttributeError) as e:         # no prctl: the parent-pid checks still hold
+            log.warning("cannot ask to die with the parent (%s); watching its pid instead", e)
+    if os.getppid() != parent_pid:
+        log.warning("parent %d is gone before the worker started; exiting", parent_pid)
+        os._exit(1)
+
+
+def orphaned(parent_pid: int | None) -> bool:
+    return parent_pid is not None and os.getppid() != parent_pid
 
 
 class Heartbeat(threading.Thread):
-    def __init__(self, store: Store, job_id: str, worker: str):
+    """Renews the lease every third of it. Orphaned (serve gone), it stops renewing, so the lease runs out,
+    and exits the process if the job has not stopped two beats later: within one lease period."""
+
+    def __init__(self, store: Store, job_id: str, worker: str, parent_pid: int | None = None,
+                 device: str = "cpu"):
         super().__init__(daemon=True)
-        self.store, self.job_id, self.worker = store, job_id, worker
-        self.lost = self.cancel = False
+        self.store, self.job_id, self.worker, self.parent_pid = store, job_id, worker, parent_pid
+        self.device = device
+        self.lost = self.cancel = self.orphan = False
         self._stop_event = threading.Event()
 
     def run(self):
+        beats_orphaned = 0
         while not self._stop_event.wait(self.store.lease_seconds / 3):
+            if orphaned(self.parent_pid):
+                self.orphan = True
+                beats_orphaned += 1
+                if beats_orphaned >= 2:
+                    log.warning("serve is gone and job %s did not stop; exiting", self.job_id)
+                    os._exit(1)
+                continue
             try:
                 ours, self.cancel = self.store.heartbeat(self.job_id, self.worker)
                 self.lost = self.lost or not ours
+                self.store.worker_seen(self.worker, self.device, device_memory_gb(self.device))
             except Exception as e:          # a database hiccup: the lease covers a few missed beats
                 log.warning("heartbeat for %s failed: %s", self.job_id, e)
 
@@ -46,19 +86,32 @@ class Heartbeat(threading.Thread):
         self._stop_event.set()
 
 
-def device_memory_gb(device: str) -> float | None:
-    """What a job may use on this worker's device; None on CPU (host memory is not budgeted)."""
-    if not device.startswith("cuda") or not torch.cuda.is_available():
-        return None
-    return torch.cuda.get_device_properties(torch.device(device)).total_memory / 2 ** 30
+def device_memory_gb(device: str) -> float:
+    """What a job may use on this worker's device: the GPU's memory, or on CPU the host's."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory / 2 ** 30
+    return host_memory_gb()
 
 
-def run_job(store: Store, job: dict, worker: str, home: Path, device: str) -> str:
-    """Run one claimed job to its end; returns the final state (or "lost" if another worker owns it)."""
+def host_memory_gb() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+
+
+def run_job(store: Store, job: dict, worker: str, home: Path, device: str, policy: Policy = Policy(),
+            stopping: threading.Event | None = None, parent_pid: int | None = None) -> str:
+    """Run one claimed job to its end; returns the final state ("lost" if another worker owns it,
+    "released" if this worker was asked to stop and handed it back to the queue)."""
     job_id = job["id"]
-    spec = JobSpec.model_validate(job["spec"])
+    stopping = stopping or threading.Event()
+    try:
+        spec = JobSpec.model_validate(job["spec"])
+        check_trust(spec, policy, admin=True)       # the API let only admins ask; this worker must allow it too
+        check_local_files(spec, policy)
+    except (QuantfarmError, ValueError) as e:
+        store.finish(job_id, worker, "failed", error=f"this worker refuses the job: {e}")
+        return "failed"
     out, state_dir = home / "artifacts" / job_id, home / "state" / job_id
-    beat = Heartbeat(store, job_id, worker)
+    beat = Heartbeat(store, job_id, worker, parent_pid, device)
     beat.start()
 
     def on_step(step):
@@ -71,17 +124,20 @@ def run_job(store: Store, job: dict, worker: str, home: Path, device: str) -> st
                         {"done": rep.index + 1, "total": total, "seconds": round(rep.seconds, 3)})
 
     def should_stop():
-        return beat.cancel or beat.lost
+        return beat.cancel or beat.lost or beat.orphan or stopping.is_set()
 
     if job["attempt"] > 1:
         store.add_event(job_id, "log", f"attempt {job['attempt']}: resuming from the checkpoints in {state_dir}")
     try:
         result = pipeline.run(spec, out, device=device, state_dir=state_dir, overwrite=True,
                               cache_dir=home / "baselines", on_step=on_step,
-                              on_layer=on_layer, should_stop=should_stop)
+                              on_layer=on_layer, should_stop=should_stop, model_roots=list(policy.model_roots))
     except Cancelled:
         if beat.lost:
             return "lost"
+        if not beat.cancel:                 # this worker is stopping: the job goes on elsewhere
+            store.release(job_id, worker)
+            return "released"
         store.finish(job_id, worker, "cancelled")
         return "cancelled"
     except QuantfarmError as e:
@@ -112,21 +168,36 @@ def run_job(store: Store, job: dict, worker: str, home: Path, device: str) -> st
 
 
 def work(db_url: str, home: Path, device: str = "cpu", lease_seconds: float = 30.0, poll_seconds: float = 0.5,
-         max_jobs: int | None = None):
-    """Claim and run jobs until SIGTERM/SIGINT (or `max_jobs` jobs)."""
+         max_jobs: int | None = None, policy: Policy = Policy(), parent_pid: int | None = None):
+    """Claim and run jobs until SIGTERM/SIGINT, the parent `serve` (parent_pid) is gone, or `max_jobs` jobs."""
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.set())
+    if parent_pid is not None:
+        die_with_parent(parent_pid)
     store = Store(db_url, lease_seconds)
     migrate(store.engine)
     worker = f"{socket.gethostname()}:{os.getpid()}:{device}"
     memory = device_memory_gb(device)
-    stopping = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stopping.set())
-    log.info("worker %s polling %s", worker, db_url.split("@")[-1])
-    done = 0
-    while not stopping.is_set() and (max_jobs is None or done < max_jobs):
-        job = store.claim(worker, memory)
-        if job is None:
-            stopping.wait(poll_seconds)
-            continue
-        log.info("job %s: %s", job["id"], run_job(store, job, worker, home, device))
-        done += 1
+    log.info("worker %s (%.0f GB) polling %s", worker, memory, db_url.split("@")[-1])
+    done, seen = 0, 0.0
+    try:
+        while not stopping.is_set() and (max_jobs is None or done < max_jobs):
+            if orphaned(parent_pid):
+                log.warning("serve (pid %d) is gone; worker %s exits", parent_pid, worker)
+                break
+            if time.time() - seen > lease_seconds / 3:       # the API refuses jobs no live worker can hold
+                store.worker_seen(worker, device, memory)
+                seen = time.time()
+            job = store.claim(worker, memory)
+            if job is None:
+                stopping.wait(poll_seconds)
+                continue
+            log.info("job %s: %s", job["id"], run_job(store, job, worker, home, device, policy, stopping,
+                                                      parent_pid))
+            done += 1
+    finally:
+        try:
+            store.worker_gone(worker)
+        except Exception as e:
+            log.warning("could not sign off %s: %s", worker, e)

@@ -30,3 +30,104 @@ def _private_home(tmp_path_factory):
     if "QUANTFARM_HOME" not in os.environ:
         os.environ["QUANTFARM_HOME"] = str(tmp_path_factory.mktemp("quantfarm-home"))
     yield
+
+
+# --------------------------------------------------------------------------------------------------------
+# The real SmolLM2-135M, loaded once per session, and each of its artifacts quantized once per session:
+# the quality, reader, report and runtime tests share them instead of quantizing again.
+
+SMOL_SAMPLES, SMOL_SEQ = 16, 512     # C4 calibration of every SmolLM2 test (peer ceilings measured at it)
+SMOL_WINDOWS = 16                    # WikiText-2 validation windows of 512 tokens for perplexity
+
+
+@pytest.fixture(scope="session")
+def smol():
+    """fp16 SmolLM2 (rounded to its storage dtype, computed in float32), tokenizer, held-out tokens,
+    the shared calibration blocks and the fp16 perplexity."""
+    from types import SimpleNamespace
+
+    from calibration import build_calibration, eval_tokens
+    from evaluation.text_metrics import perplexity
+    from service.pipeline import round_to_storage
+    from service.sources import load_model, resolve_model
+
+    require_shared_data("c4/c4_en_train_first1000.jsonl")
+    require_shared_data("wikitext2/wiki.valid.tokens")
+    model, tok = load_model(resolve_model("smollm2-135m"))
+    round_to_storage(model)
+    ev, _ = eval_tokens("wikitext2", tok)
+    calib = build_calibration("c4", tok, n_samples=SMOL_SAMPLES, seq_len=SMOL_SEQ, seed=0)
+    return SimpleNamespace(model=model, tok=tok, ev=ev, calib=calib,
+                           fp16=perplexity(model, ev, 512, max_windows=SMOL_WINDOWS))
+
+
+def smol_recipes():
+    """name -> (QuantConfig, format): the SmolLM2 artifacts tests may ask for."""
+    from quantizers.driver import QuantConfig
+    static = dict(desc_act=True, static_groups=True)
+    return {
+        "gptq-g64": (QuantConfig(group_size=64, **static), "gptq"),
+        "gptq-g128": (QuantConfig(group_size=128, **static), "gptq"),        # 576-wide inputs: a ragged group
+        "awq-g64": (QuantConfig(algorithm="awq", group_size=64, sym=False), "awq"),
+        "rtn-g64": (QuantConfig(algorithm="rtn", group_size=64), None),
+        "rtn-g64-asym": (QuantConfig(algorithm="rtn", group_size=64, sym=False), None),
+        "rtn-g128": (QuantConfig(algorithm="rtn", group_size=128), None),
+    }
+
+
+@pytest.fixture(scope="session")
+def smol_quantized(smol, tmp_path_factory):
+    """smol_quantized(name) -> namespace(folder, quantized, reports, ppl), built on first use. With a
+    format the artifact is written and its perplexity is that of the artifact as our reader loads it;
+    without one (RTN references) it is the in-memory model's."""
+    import copy
+    from types import SimpleNamespace
+
+    from evaluation.text_metrics import perplexity
+    from quantizers.artifact import load_artifact
+    from quantizers.driver import quantize_model
+    from service.pipeline import save, with_scale_dtype
+
+    built, root = {}, tmp_path_factory.mktemp("smol-artifacts")
+
+    def get(name: str):
+        if name not in built:
+            cfg, fmt = smol_recipes()[name]
+            model = copy.deepcopy(smol.model)
+            if fmt:
+                cfg = with_scale_dtype(cfg, fmt, model)
+            tokens = smol.calib.tokens if cfg.algorithm != "rtn" else None
+            quantized, reports = quantize_model(model, tokens, cfg, "cpu")
+            folder = None
+            if fmt:
+                folder = save(root / name, model, smol.tok, quantized, cfg, fmt,
+                              {"quantizer": ["quantfarm:test"], "algorithm": cfg.algorithm})
+                model, _, _ = load_artifact(folder, with_tokenizer=False)
+            built[name] = SimpleNamespace(folder=folder, quantized=quantized, reports=reports, cfg=cfg, fmt=fmt,
+                                          ppl=perplexity(model, smol.ev, 512, max_windows=SMOL_WINDOWS))
+        return built[name]
+    return get
+
+
+# The README's main job (`make demo`), scaled down to seconds: run once through the CLI; tests that
+# change the artifact (eval, report) work on a copy.
+DEMO_ARGS = ["quantize", "smollm2-135m", "--group-size", "64", "--samples", "8", "--seq-len", "128",
+             "--eval-windows", "2"]
+
+
+@pytest.fixture(scope="session")
+def demo_artifact(tmp_path_factory):
+    """namespace(folder, stdout, home) of the scaled-down demo job, run with its own QUANTFARM_HOME
+    (whose baseline cache then holds exactly the demo's fp16 evaluation)."""
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+    require_shared_data("wikitext2/wiki.valid.tokens")
+    base = tmp_path_factory.mktemp("demo")
+    out, home = base / "smollm2-135m-gptq-w4g64", base / "home"
+    r = subprocess.run([sys.executable, "-m", "service.cli", *DEMO_ARGS, "--out", str(out)],
+                       capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1",
+                                                            "QUANTFARM_HOME": str(home)},
+                       cwd=pathlib.Path(__file__).resolve().parent.parent, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return SimpleNamespace(folder=out, stdout=r.stdout, home=home)

@@ -52,3 +52,35 @@ def test_cuda_requested_without_a_gpu(tmp_path):
 def test_inspect_of_a_folder_that_is_no_artifact(tmp_path):
     r = quantfarm("inspect", str(tmp_path))
     assert r.returncode == 2 and "no config.json" in r.stderr
+
+
+def test_overwrite_replaces_only_a_quantfarm_artifact(tmp_path):
+    """--overwrite on a folder quantfarm did not write refuses and deletes nothing."""
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "notes.txt").write_text("mine")
+    r = quantfarm("quantize", "smollm2-135m", "--overwrite", "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and "not a quantfarm artifact" in r.stderr, r.stderr
+    assert (tmp_path / "x" / "notes.txt").read_text() == "mine"
+
+
+def test_unwritable_output_is_refused_before_any_work(tmp_path):
+    """An immutable folder (chattr +i: root ignores permission bits, not this) is found in the first
+    seconds, before the model loads."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    if subprocess.run(["chattr", "+i", str(locked)], capture_output=True).returncode:
+        pytest.skip("chattr +i is not supported on this file system")
+    try:
+        r = quantfarm("quantize", "smollm2-135m", "--out", str(locked / "x"))
+    finally:
+        subprocess.run(["chattr", "-i", str(locked)])
+    assert r.returncode == 2 and f"cannot write {locked / 'x'}" in r.stderr, r.stderr
+    assert "[quantfarm]" not in r.stderr                 # no step started
+
+
+def test_too_little_space_names_the_numbers(tmp_path):
+    from service.errors import StorageError
+    from service.storage import check_space
+    check_space(tmp_path / "a", 1)
+    with pytest.raises(StorageError, match=r"not enough space for .*: about \d+ MiB needed, \d+ MiB free"):
+        check_space(tmp_path / "a", 2 ** 62)

@@ -1,12 +1,13 @@
-"""The recovery report on a real SmolLM2 GPTQ artifact: quick and leaderboard suites, the three files,
-the baseline cache, the quality gate for `quantfarm eval` and for a farm job."""
+"""The recovery report on a real SmolLM2 GPTQ artifact (a copy of the session's scaled-down demo job,
+conftest.demo_artifact): quick and leaderboard suites, the three files, the baseline cache, the
+quality gate for `quantfarm eval` and for a farm job."""
 import base64
 import json
 import re
+import shutil
 
 import pytest
 
-from service import pipeline
 from service.cli import main
 from service.spec import JobSpec
 from service.store import Store, migrate
@@ -16,22 +17,25 @@ from tests.conftest import require_shared_data
 pytestmark = pytest.mark.slow
 
 
+WINDOWS = 2          # the demo job's --eval-windows (conftest.DEMO_ARGS)
+
+
 def smol_spec(**kw):
     return JobSpec(model="smollm2-135m", group_size=64, calibration={"samples": 4, "seq_len": 64},
-                   evaluation={"suite": "quick", "windows": 3}, **kw)
+                   evaluation={"suite": "quick", "windows": WINDOWS}, **kw)
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    return tmp_path_factory.mktemp("home")
+def home(demo_artifact):
+    """The demo job's QUANTFARM_HOME: its baseline cache holds the demo's fp16 evaluation."""
+    return demo_artifact.home
 
 
 @pytest.fixture(scope="module")
-def art(home, tmp_path_factory):
-    require_shared_data("wikitext2/wiki.valid.tokens")
+def art(demo_artifact, tmp_path_factory):
     out = tmp_path_factory.mktemp("art") / "smol-gptq"
-    result = pipeline.run(smol_spec(), out, device="cpu", cache_dir=home / "baselines")
-    return out, result
+    shutil.copytree(demo_artifact.folder, out)
+    return out, json.loads((out / "report.json").read_text())
 
 
 def images(html: str) -> list[bytes]:
@@ -39,22 +43,22 @@ def images(html: str) -> list[bytes]:
 
 
 def test_quick_suite_writes_the_three_files(art):
-    out, result = art
-    rep = json.loads((out / "report.json").read_text())
+    out, rep = art
     ev = rep["evaluation"]
     assert ev["parts"] == ["perplexity", "kld"] and ev["baseline_cache"] == {"text": "miss"}
     (row,) = ev["rows"]
-    assert row["name"] == "perplexity" and row["n"] == 3 * 511
+    assert row["name"] == "perplexity" and row["n"] == WINDOWS * 511
     assert 10 < row["fp16"] < row["quantized"] < 3 * row["fp16"]
-    assert result.recovery == ev["recovery"] == pytest.approx(row["fp16"] / row["quantized"])
+    assert ev["recovery"] == pytest.approx(row["fp16"] / row["quantized"])
     k = ev["kld"]
-    assert 0 < k["median"] <= k["mean"] <= k["max"] and k["median"] <= k["p99"] <= k["max"] and k["tokens"] == 3 * 511
+    assert 0 < k["median"] <= k["mean"] <= k["max"] and k["median"] <= k["p99"] <= k["max"]
+    assert k["tokens"] == WINDOWS * 511
     assert 0.5 < k["top1_agreement"] < 1
     assert set(ev["versions"]) == {"quantfarm", "torch", "transformers", "lm_eval"}
     assert rep["calibration_hash"] and len(rep["layers"]) == 30
     card = (out / "README.md").read_text()
     assert card.startswith("---\nbase_model: smollm2-135m")
-    assert re.search(r"\| perplexity \|  \| perplexity \(lower is better\) \| 1533 \| [\d.]+ \| [\d.]+ \| [\d.]+% \|", card)
+    assert re.search(r"\| perplexity \|  \| perplexity \(lower is better\) \| 1022 \| [\d.]+ \| [\d.]+ \| [\d.]+% \|", card)
     html = (out / "report.html").read_text()
     pngs = images(html)            # per-layer error and KLD histogram (no task bars in quick)
     assert len(pngs) == 2 and all(p.startswith(b"\x89PNG") for p in pngs)
@@ -99,7 +103,7 @@ def test_leaderboard_eval_report_and_cache(art, home, monkeypatch, capsys):
 def test_eval_gate_exits_3(art, home, monkeypatch, capsys):
     out, _ = art
     monkeypatch.setenv("QUANTFARM_HOME", str(home))
-    assert main(["eval", str(out), "--suite", "quick", "--eval-windows", "3", "--device", "cpu",
+    assert main(["eval", str(out), "--suite", "quick", "--eval-windows", str(WINDOWS), "--device", "cpu",
                  "--min-recovery", "1.5"]) == 3
     err = capsys.readouterr().err
     assert "failed quality: recovery" in err and "below min_recovery 1.5" in err

@@ -33,26 +33,41 @@ def auth(who: str) -> dict:
     return {"Authorization": f"Bearer {TOKENS[who]}"}
 
 
+def tokens_file(folder: Path, extra: list | None = None, **settings) -> Path:
+    path = folder / "tokens-test.json"
+    path.write_text(json.dumps({**settings, "tokens": [
+        {"name": "admin", "token": TOKENS["admin"], "roles": ["admin"]},
+        {"name": "alice", "token": TOKENS["alice"], "roles": ["submit"]},
+        {"name": "bob", "token": TOKENS["bob"], "roles": ["submit"]},
+        {"name": "reader", "token": TOKENS["reader"], "roles": ["read"]}, *(extra or [])]}))
+    return path
+
+
 class Server:
-    def __init__(self, home: Path, db: str, workers: int, lease: float = 30.0):
+    """`quantfarm serve` in its own process group (session), so close() can reap its workers too."""
+
+    def __init__(self, home: Path, db: str, workers: int, lease: float = 30.0, args: tuple = (),
+                 tokens: Path | None = None, own_tokens: bool = False, wait: bool = True):
+        """`own_tokens`: no --tokens, so serve creates HOME/tokens.json with its admin token."""
         home.mkdir(parents=True, exist_ok=True)
-        tokens = home / "tokens-test.json"
-        tokens.write_text(json.dumps({"tokens": [
-            {"name": "admin", "token": TOKENS["admin"], "roles": ["admin"]},
-            {"name": "alice", "token": TOKENS["alice"], "roles": ["submit"]},
-            {"name": "bob", "token": TOKENS["bob"], "roles": ["submit"]},
-            {"name": "reader", "token": TOKENS["reader"], "roles": ["read"]}]}))
+        tokens_args = () if own_tokens else ("--tokens", str(tokens or tokens_file(home)))
+        self.home = home
         self.port = _port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(home / "serve.log", "w")
+        self.log = open(home / "serve.log", "a")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "service.cli", "serve", "--home", str(home), "--db", db, "--port", str(self.port),
-             "--workers", str(workers), "--lease", str(lease), "--tokens", str(tokens)],
-            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "2"})
+             "--workers", str(workers), "--lease", str(lease), *tokens_args, *args],
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1"})
         self.http = httpx.Client(base_url=self.url, timeout=60)
-        deadline = time.time() + 90
+        if wait:
+            self.wait_healthy()
+
+    def wait_healthy(self, timeout: float = 90):
+        deadline = time.time() + timeout
         while time.time() < deadline:
-            assert self.proc.poll() is None, (home / "serve.log").read_text()[-3000:]
+            assert self.proc.poll() is None, (self.home / "serve.log").read_text()[-3000:]
             try:
                 if self.http.get("/healthz").status_code == 200:
                     return
@@ -60,6 +75,10 @@ class Server:
                 pass
             time.sleep(0.3)
         raise TimeoutError("server did not come up")
+
+    def workers(self) -> list[int]:
+        """Pids of the worker processes serve started (they share its process group)."""
+        return group_pids(self.proc.pid, exclude=self.proc.pid)
 
     def submit(self, spec: dict, who: str = "alice", **params) -> httpx.Response:
         return self.http.post("/v1/jobs", json=spec, headers=auth(who), params=params)
@@ -78,12 +97,40 @@ class Server:
         raise TimeoutError(f"job {job_id} stuck: {self.job(job_id)}")
 
     def close(self):
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        """SIGTERM to serve (it stops its workers), then SIGKILL to whatever of its group is left: no
+        worker outlives its test."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        kill_group(self.proc.pid)
+        self.http.close()
         self.log.close()
+
+
+def group_pids(pgid: int, exclude: int | None = None) -> list[int]:
+    """Live (not zombie) processes of a process group."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == exclude:
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            out.append(int(d.name))
+    return out
+
+
+def kill_group(pgid: int):
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 @pytest.fixture
@@ -140,7 +187,7 @@ def _demo_job(tmp_path, db):
             assert r.status_code in (400, 404) and "root:" not in r.text and "adm-" not in r.text, (bad, r.text)
         logs = srv.http.get(f"/v1/jobs/{job_id}/logs", headers=auth("reader")).text
         assert "layer 30/30" in logs and "succeeded" in logs
-        metrics = srv.http.get("/metrics").text
+        metrics = srv.http.get("/metrics", headers=auth("reader")).text
         assert 'quantfarm_jobs{state="succeeded"} 1.0' in metrics and "quantfarm_queue_depth 0.0" in metrics
         assert "quantfarm_job_duration_seconds_count 1.0" in metrics
         return job
@@ -229,7 +276,7 @@ def test_api_contract_auth_validation_dedup_and_concurrency(tmp_path):
             r = srv.submit(bad)
             assert r.status_code == 422 and field in r.json()["detail"], (bad, r.text)
         r = srv.submit({**SMALL, "model": str(tmp_path / "no-such-model")})
-        assert r.status_code == 400 and "cannot resolve" in r.json()["detail"]
+        assert r.status_code == 400 and "not under a folder this server opens" in r.json()["detail"]
         # idempotent submission; force makes a new job
         first = srv.submit(SMALL)
         again = srv.submit({**SMALL, "priority": 5, "evaluation": {"windows": 3}})   # not part of the recipe
@@ -263,7 +310,7 @@ def test_api_contract_auth_validation_dedup_and_concurrency(tmp_path):
                 break
         assert page["total"] == 202 and len(seen) == len(set(seen)) == 202 and set(ids) <= set(seen)
         assert h.get("/v1/jobs", params={"state": "bogus"}, headers=auth("reader")).status_code == 400
-        assert "quantfarm_queue_depth 202.0" in h.get("/metrics").text
+        assert "quantfarm_queue_depth 202.0" in h.get("/metrics", headers=auth("reader")).text
     finally:
         srv.close()
 

