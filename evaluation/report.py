@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from quantizers import artifact
+from . import model_index
 from .suite import Evaluation
 
 
@@ -70,17 +71,96 @@ def notes(ev: dict) -> list[str]:
     return out
 
 
-def model_card(report: dict) -> str:
+DEFAULT_SHIP_RECOVERY = 0.95     # the verdict's threshold when the job set no min_recovery
+
+
+def verdict(report: dict) -> dict:
+    """Ship or not: recovery against the job's min_recovery, else against DEFAULT_SHIP_RECOVERY."""
+    ev = report.get("evaluation") or {}
+    gate = (report.get("spec") or {}).get("min_recovery")
+    threshold = gate if gate is not None else DEFAULT_SHIP_RECOVERY
+    rec = ev.get("recovery")
+    whose = "the job's min_recovery" if gate is not None else "quantfarm's default (the job set no min_recovery)"
+    if rec is None:
+        return {"ship": None, "text": "no verdict: the evaluation gives no recovery (suite none)", "threshold": threshold}
+    ok = rec >= threshold
+    return {"ship": ok, "threshold": threshold,
+            "text": f"{'ship' if ok else 'do not ship as is'}: recovery {pct(rec)} ({ev.get('recovery_basis')}) is "
+                    f"{'at or above' if ok else 'below'} {pct(threshold)}, {whose}"}
+
+
+def settings_line(report: dict) -> str:
+    """The settings used, resolved (not the spec as submitted)."""
+    st = report.get("settings") or {}
+    if not st:
+        return label(report)
+    parts = [f"{st['format']} {st['bits']}-bit, group size {st['group_size']}, {'symmetric' if st['sym'] else 'zero points'}",
+             f"algorithm {st['algorithm']}"]
+    if st.get("act_order") not in (None, "none"):
+        parts.append(f"act-order {st['act_order']}")
+    c = st.get("calibration")
+    if c:
+        parts.append(f"calibration {c['samples']} x {c['seq_len']} tokens of {c['source']} (seed {c['seed']}, "
+                     f"hash {c['hash'][:12]})")
+    if st.get("keep"):
+        parts.append(f"kept in 16 bits: {', '.join(st['keep'])}")
+    return "; ".join(parts)
+
+
+def size_line(report: dict) -> str:
+    mb, before, after = 2 ** 20, report.get("size_before_bytes", 0), report.get("size_after_bytes", 0)
+    bpw = report.get("bits_per_weight") or {}
+    out = f"{before / mb:.1f} MiB at 16 bits -> {after / mb:.1f} MiB ({before / max(after, 1):.2f}x smaller)"
+    if bpw:
+        out += (f"; {bpw['quantized_linears']:.2f} bits per weight in the quantized Linears (codes, scales, zeros), "
+                f"{bpw['overall']:.2f} overall (embeddings, head and norms stay 16-bit)")
+    return out
+
+
+def runtime_lines(report: dict) -> list[str]:
+    return [f"{v['runtime']}: {v['path'] if v['ok'] else 'does not load it'}"
+            + (f" ({'; '.join(v['notes'])})" if v.get("notes") else "")
+            for v in (report.get("preflight") or {}).get("runtimes", [])]
+
+
+def usage(report: dict, folder_name: str) -> list[str]:
+    """Markdown: how to load this artifact in the runtimes that take it, as code a test runs."""
+    st = report.get("settings") or {}
+    runtimes = {v["runtime"]: v for v in (report.get("preflight") or {}).get("runtimes", [])}
+    out = []
+    tf = runtimes.get("transformers")
+    if tf and tf["ok"]:
+        needs = {"gptq": "optimum and gptqmodel", "awq": "gptqmodel", "compressed-tensors": "compressed-tensors"}
+        qc = ""
+        if st.get("format") == "gptq" and st.get("ragged_groups"):
+            qc = f", quantization_config=GPTQConfig(bits={st['bits']}, backend=\"torch\")"
+        out += [f"transformers (with {needs.get(st.get('format'), 'its quantization backend')} installed):", "",
+                "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer" + (", GPTQConfig" if qc else ""),
+                f"model_dir = \"{folder_name}\"  # this folder, or its Hub id once published",
+                "tokenizer = AutoTokenizer.from_pretrained(model_dir)",
+                f"model = AutoModelForCausalLM.from_pretrained(model_dir, device_map=\"auto\"{qc})",
+                "inputs = tokenizer(\"The capital of France is\", return_tensors=\"pt\").to(model.device)",
+                "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=16)[0]))", "```", ""]
+    elif tf:
+        out += [f"transformers does not load it: {'; '.join(tf['notes'])}.", ""]
+    vl = runtimes.get("vllm")
+    if vl and vl["ok"]:
+        out += ["vLLM:", "", "```sh", f"vllm serve {folder_name}", "```", ""]
+    elif vl:
+        out += [f"vLLM does not load it: {'; '.join(vl['notes'])}.", ""]
+    return out
+
+
+def model_card(report: dict, folder_name: str = "path/to/this/folder") -> str:
     ev, s = report["evaluation"], report["spec"]
     name = label(report)
-    lines = ["---", f"base_model: {s['model']}", "library_name: transformers",
-             f"tags: [quantized, {s['algorithm']}, {s['bits']}-bit, quantfarm]", "---", "",
-             f"# {s['model']}: {name}", "",
-             f"Quantized by quantfarm {report.get('quantfarm', '')} from `{s['model']}` at revision "
-             f"`{report.get('revision')}`. Calibration: {report.get('calibration_hash') and 'hash ' + report['calibration_hash'][:16]} "
-             f"({s['calibration']['samples']} x {s['calibration']['seq_len']} tokens, source {s['calibration']['source']}). "
-             f"Size {report.get('size_before_bytes', 0) / 2**20:.1f} MiB at 16 bits -> "
-             f"{report.get('size_after_bytes', 0) / 2**20:.1f} MiB.", "",
+    v = verdict(report)
+    facts = [["size", size_line(report)],
+             ["loads in", "<br>".join(runtime_lines(report)) or "n/a"], ["settings", settings_line(report)],
+             ["source", f"`{s['model']}` at revision `{report.get('revision')}`, quantized by quantfarm "
+                        f"{report.get('quantfarm', '')}"]]
+    lines = [model_index.front_matter(report, folder_name), "", f"# {s['model']}: {name}", "",
+             f"**Verdict: {v['text']}.**", "", markdown_table([["", ""], *facts]), "",
              "## Recovery against the fp16 model", "",
              "Scores in % (perplexity as is); recovery = quantized / fp16 (perplexity: fp16 / quantized). "
              "The quantized model was evaluated as loaded back from this folder.", "",
@@ -89,13 +169,29 @@ def model_card(report: dict) -> str:
         lines += [f"KL divergence of next-token distributions, fp16 || quantized, on {ev['text']}:", "",
                   markdown_table(kld_rows(ev["kld"])), ""]
     lines += [f"- {n}" for n in notes(ev)]
-    v = ev["versions"]
-    lines += ["", f"Evaluated with lm-eval {v['lm_eval']}, transformers {v['transformers']}, torch {v['torch']}. "
+    ver = ev["versions"]
+    lines += ["", f"Evaluated with lm-eval {ver['lm_eval']}, transformers {ver['transformers']}, torch {ver['torch']}. "
               "All numbers, settings and versions are in `report.json`; plots in `report.html`.", "",
-              "## Use", "", "```python", "from transformers import AutoModelForCausalLM",
-              "model = AutoModelForCausalLM.from_pretrained(\"path/to/this/folder\")", "```", "",
-              "```sh", "vllm serve path/to/this/folder", "```", ""]
+              "## Use", "", *usage(report, folder_name)]
     return "\n".join(lines)
+
+
+def error_series(layers: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """One line per kind of Linear for the per-layer error plot: experts' Linears averaged over the
+    experts of a layer, and kinds quantized as one group (q/k/v, gate/up: the same error) drawn as one
+    line named after all of them, so no line hides another."""
+    sums: dict[str, dict[int, list[float]]] = {}
+    for r in layers:
+        for m, v in r["modules"].items():
+            if v.get("rel_error") is not None:
+                leaf = m.rsplit(".", 1)[-1]
+                kind = f"experts.{leaf}" if ".experts." in m else leaf
+                sums.setdefault(kind, {}).setdefault(r["index"], []).append(v["rel_error"])
+    series = {k: [(i, sum(e) / len(e)) for i, e in sorted(by.items())] for k, by in sorted(sums.items())}
+    merged: dict[tuple, list[str]] = {}
+    for k, pts in series.items():
+        merged.setdefault(tuple(pts), []).append(k)
+    return {"/".join(names): list(pts) for pts, names in merged.items()}
 
 
 def _png(fig) -> str:
@@ -125,11 +221,8 @@ def plots(report: dict) -> list[tuple[str, str]]:
     layers = report.get("layers") or []
     if layers and layers[0].get("modules"):
         fig, ax = plt.subplots(figsize=(7, 3.2))
-        kinds = sorted({m.rsplit(".", 1)[-1] for r in layers for m in r["modules"]})
-        for kind in kinds:
-            pts = [(r["index"], v["rel_error"]) for r in layers for m, v in r["modules"].items()
-                   if m.rsplit(".", 1)[-1] == kind and v.get("rel_error") is not None]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=kind)
+        for name, pts in error_series(layers).items():
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=name)
         ax.set_xlabel("decoder layer")
         ax.set_ylabel("relative output error")
         ax.set_yscale("log")
@@ -158,16 +251,22 @@ def html_table(rows: list[list[str]]) -> str:
 
 def html_page(report: dict) -> str:
     ev, name = report["evaluation"], label(report)
+    v = verdict(report)
+    facts = [["verdict", v["text"]], ["size", size_line(report)], ["loads in", "; ".join(runtime_lines(report)) or "n/a"],
+             ["settings", settings_line(report)]]
+    cls = "ship" if v["ship"] else "noship" if v["ship"] is False else ""
     parts = [f"<h1>{html.escape(report['spec']['model'])}: {html.escape(name)}</h1>",
+             f"<p class='{cls}'><b>Verdict: {html.escape(v['text'])}.</b></p>", html_table([["", ""], *facts]),
              "<h2>Recovery against fp16</h2>", html_table(recovery_rows(ev, name))]
     if ev.get("kld"):
         parts += ["<h2>KL divergence</h2>", html_table(kld_rows(ev["kld"]))]
     parts += ["<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes(ev)) + "</ul>"]
     for title, png in plots(report):
         parts += [f"<h2>{html.escape(title)}</h2>", f'<img alt="{html.escape(title)}" src="data:image/png;base64,{png}">']
-    parts += ["<h2>Settings</h2>", f"<pre>{html.escape(json.dumps(report['spec'], indent=1))}</pre>"]
+    parts += ["<h2>Settings used</h2>", f"<pre>{html.escape(json.dumps(report.get('settings') or report['spec'], indent=1))}</pre>"]
     style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:.2em .6em;text-align:right}img{max-width:100%}")
+             "td,th{border:1px solid #ccc;padding:.2em .6em;text-align:right}td:first-child{text-align:left}"
+             "img{max-width:100%}.ship{color:#176117}.noship{color:#9b1c1c}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(name)}</title>"
             f"<style>{style}</style></head><body>{''.join(parts)}</body></html>\n")
 
@@ -176,7 +275,7 @@ def write(folder, report: dict) -> None:
     """report.json always; README.md and report.html when the report has an evaluation."""
     artifact.add_file(folder, "report.json", json.dumps(report, indent=2) + "\n")
     if report.get("evaluation") and report["evaluation"].get("rows"):
-        artifact.add_file(folder, "README.md", model_card(report))
+        artifact.add_file(folder, "README.md", model_card(report, Path(folder).name))
         artifact.add_file(folder, "report.html", html_page(report))
 
 

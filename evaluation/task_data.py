@@ -17,6 +17,15 @@ from service.errors import EvaluationError
 
 
 @dataclass(frozen=True)
+class HubDataset:
+    """The Hugging Face dataset a task's local files are a copy of, as a model card's model-index names it."""
+    title: str                   # the Open LLM Leaderboard's name for the task
+    type: str
+    config: str | None
+    split: str
+
+
+@dataclass(frozen=True)
 class LocalTask:
     """One leaderboard task: its lm-eval config name, shots, headline metric and where its rows live."""
     name: str
@@ -24,21 +33,31 @@ class LocalTask:
     num_fewshot: int
     metric: str                  # lm-eval metric key, filter included
     files: tuple[str, ...]       # relative to the data folder (globs allowed)
+    hub: HubDataset
     substitute: str = ""
 
 
 TASKS = {
     "arc_challenge": LocalTask("arc_challenge", "arc_challenge", 25, "acc_norm,none",
-                               ("arc_challenge/ARC-Challenge-Test.jsonl", "arc_challenge/ARC-Challenge-Train.jsonl")),
+                               ("arc_challenge/ARC-Challenge-Test.jsonl", "arc_challenge/ARC-Challenge-Train.jsonl"),
+                               HubDataset("AI2 Reasoning Challenge (25-Shot)", "ai2_arc", "ARC-Challenge", "test")),
     "hellaswag": LocalTask("hellaswag", "hellaswag", 10, "acc_norm,none", ("hellaswag/hellaswag_val_full.txt",),
+                           HubDataset("HellaSwag (10-Shot)", "hellaswag", None, "validation"),
                            "llama.cpp text layout (ctx_b not capitalized); shots from validation, item excluded"),
-    "mmlu": LocalTask("mmlu", "mmlu", 5, "acc,none", ("mmlu/test/*.csv", "mmlu/dev/*.csv")),
-    "truthfulqa_mc2": LocalTask("truthfulqa_mc2", "truthfulqa_mc2", 0, "acc,none", ("truthfulqa/mc_task.json",)),
+    "mmlu": LocalTask("mmlu", "mmlu", 5, "acc,none", ("mmlu/test/*.csv", "mmlu/dev/*.csv"),
+                      HubDataset("MMLU (5-Shot)", "cais/mmlu", "all", "test")),
+    "truthfulqa_mc2": LocalTask("truthfulqa_mc2", "truthfulqa_mc2", 0, "acc,none", ("truthfulqa/mc_task.json",),
+                                HubDataset("TruthfulQA (0-shot)", "truthful_qa", "multiple_choice", "validation")),
     "winogrande": LocalTask("winogrande", "winogrande", 5, "acc,none",
                             ("winogrande/dev.jsonl", "winogrande/dev-labels.lst", "winogrande/train_l.jsonl",
-                             "winogrande/train_l-labels.lst"), "shots from train_l (a subset of train_xl)"),
-    "gsm8k": LocalTask("gsm8k", "gsm8k", 5, "exact_match,strict-match", ("gsm8k/test.jsonl", "gsm8k/train.jsonl")),
+                             "winogrande/train_l-labels.lst"),
+                            HubDataset("Winogrande (5-shot)", "winogrande", "winogrande_xl", "validation"),
+                            "shots from train_l (a subset of train_xl)"),
+    "gsm8k": LocalTask("gsm8k", "gsm8k", 5, "exact_match,strict-match", ("gsm8k/test.jsonl", "gsm8k/train.jsonl"),
+                       HubDataset("GSM8k (5-shot)", "gsm8k", "main", "test")),
 }
+# The perplexity and KLD text: WikiText-2's validation split in its tokenized release (wikitext-2-v1).
+WIKITEXT2 = HubDataset("WikiText-2 (validation)", "wikitext", "wikitext-2-v1", "validation")
 
 
 def task_folder(folder: Path | None = None) -> Path:

@@ -187,6 +187,17 @@ def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def tensor_nbytes(folder) -> dict[str, int]:
+    """{tensor name: bytes} from the safetensors headers (no tensor is read)."""
+    import struct
+    out = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
+        out.update({k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"})
+    return out
+
+
 def read_quant_config(folder) -> dict:
     folder = Path(folder)
     if not (folder / "config.json").exists():

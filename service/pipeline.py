@@ -22,7 +22,7 @@ from quantizers.driver import LayerReport, QuantConfig, check_coverage, coverage
 
 from . import preflight, storage
 from .errors import ArtifactError, SpecError
-from .sources import load_model, resolve_model
+from .sources import load_model, resolve_model, source_card
 from .spec import JobSpec
 
 
@@ -62,6 +62,8 @@ class Result:
     warnings: list = field(default_factory=list)
     preflight: dict = field(default_factory=dict)
     coverage: dict = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)          # what was used (the spec resolved), not what was asked
+    bits_per_weight: dict = field(default_factory=dict)
     evaluation: dict = field(default_factory=dict)
 
     @property
@@ -146,6 +148,15 @@ def artifact_size_estimate(model, cfg: QuantConfig) -> int:
     return q_params * cfg.bits // 8 + groups * 3 + others * 2
 
 
+def bits_per_weight(folder: Path, quantized_names: set[str], q_params: int, n_params: int) -> dict:
+    """Storage per weight, from the files: of the quantized Linears (codes, scales, zeros, g_idx; the
+    names as written) and of the whole model (embeddings, head and norms stay 16-bit)."""
+    nbytes = artifact.tensor_nbytes(folder)
+    q_bytes = sum(b for k, b in nbytes.items() if k.rsplit(".", 1)[0] in quantized_names)
+    return {"quantized_linears": round(8 * q_bytes / max(q_params, 1), 3),
+            "overall": round(8 * sum(nbytes.values()) / max(n_params, 1), 3)}
+
+
 def artifact_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
 
@@ -196,7 +207,8 @@ def run(spec: JobSpec, out_dir, *, device: str = "auto", state_dir=None, overwri
     mark_kept(model, cfg.keep)
     cover = coverage(model, cfg.keep)
     check_coverage(cover)                                               # no silent 16-bit weights
-    checks = preflight.report(settings(cfg, spec.format), preflight.model_shapes(model))
+    shapes = preflight.model_shapes(model)
+    checks = preflight.report(settings(cfg, spec.format), shapes)
     preflight.refuse_unwritable(checks)                                 # before any quantization work
     storage.check_space(out_dir, artifact_size_estimate(model, cfg))
     notes = [f"{v['runtime']}: {n}" for v in checks["runtimes"] for n in v["notes"]]
@@ -242,6 +254,9 @@ def run(spec: JobSpec, out_dir, *, device: str = "auto", state_dir=None, overwri
             "source_model": spec.model, "source_revision": revision, "algorithm": cfg.algorithm}
     out = save(out_dir, model, tokenizer, quantized, cfg, spec.format, meta, overwrite=overwrite)
     times["save"] = time.perf_counter() - t
+    rename = moe.checkpoint_renamer(model) or (lambda n: n)
+    bpw = bits_per_weight(out, {rename(n) for n in quantized}, sum(qw.codes.numel() for qw in quantized.values()),
+                          size_before // 2)
     del model
 
     evaluation = {}
@@ -254,12 +269,21 @@ def run(spec: JobSpec, out_dir, *, device: str = "auto", state_dir=None, overwri
         del qmodel
     times["total"] = time.perf_counter() - t0
 
+    used = {**checks["settings"], "scale_dtype": cfg.scale_dtype, "damp_percent": cfg.damp_percent,
+            "true_sequential": cfg.true_sequential, "keep": list(cfg.keep), "revision": revision,
+            "ragged_groups": cfg.group_size != -1 and any(i % cfg.group_size for i, _ in shapes),
+            "calibration": None if calib is None else {"source": calib.source, "samples": spec.calibration.samples,
+                                                       "seq_len": spec.calibration.seq_len,
+                                                       "seed": spec.calibration.seed, "hash": calib.content_hash}}
     result = Result(artifact=str(out), model=spec.model, revision=revision, recipe_key=key,
-                    calibration_hash=meta["calibration_hash"], calibration_source=meta["calibration"], seconds=times, size_before_bytes=size_before,
-                    size_after_bytes=artifact_bytes(out), perplexity=perplexity_summary(evaluation),
+                    calibration_hash=meta["calibration_hash"], calibration_source=meta["calibration"],
+                    seconds=times, size_before_bytes=size_before, size_after_bytes=artifact_bytes(out),
+                    perplexity=perplexity_summary(evaluation),
                     layers=[{"index": r.index, "seconds": r.seconds, "modules": r.modules} for r in reports],
-                    warnings=notes, preflight=checks, coverage=cover, evaluation=evaluation)
-    report.write(out, {"quantfarm": quantfarm_version(), "spec": spec.model_dump(), **asdict(result)})
+                    warnings=notes, preflight=checks, coverage=cover, settings=used,
+                    bits_per_weight=bpw, evaluation=evaluation)
+    report.write(out, {"quantfarm": quantfarm_version(), "spec": spec.model_dump(), "source_card": source_card(src),
+                       **asdict(result)})
     return result
 
 

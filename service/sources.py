@@ -386,6 +386,26 @@ def load_model(resolved: ResolvedModel, dtype: torch.dtype = torch.float32):
     return model, tokenizer
 
 
+def source_card(resolved: ResolvedModel) -> dict:
+    """License and language of the source model, for the artifact's card: from the source folder's
+    README.md front matter, or a GGUF file's general.license / general.languages."""
+    out = {}
+    try:
+        if resolved.gguf_file:
+            import gguf
+            fields = gguf.GGUFReader(str(Path(resolved.path) / resolved.gguf_file)).fields
+            for key, name in (("general.license", "license"), ("general.languages", "language")):
+                if key in fields:
+                    out[name] = fields[key].contents()
+        elif (Path(resolved.path) / "README.md").is_file():
+            from huggingface_hub import ModelCard
+            data = ModelCard.load(Path(resolved.path) / "README.md").data
+            out = {k: getattr(data, k) for k in ("license", "language") if getattr(data, k, None)}
+    except Exception as e:            # a card that cannot be read is no reason to fail a job
+        log.warning("could not read the source card of %s: %s", resolved.ref, e)
+    return out
+
+
 def cache_root() -> Path:
     """Derived data that any process may rebuild (QUANTFARM_CACHE, default ~/.cache/quantfarm)."""
     base = os.environ.get("QUANTFARM_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "quantfarm"

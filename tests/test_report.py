@@ -2,9 +2,13 @@
 conftest.demo_artifact): quick and leaderboard suites, the three files, the baseline cache, the
 quality gate for `quantfarm eval` and for a farm job."""
 import base64
+import html
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -33,13 +37,13 @@ def home(demo_artifact):
 
 @pytest.fixture(scope="module")
 def art(demo_artifact, tmp_path_factory):
-    out = tmp_path_factory.mktemp("art") / "smol-gptq"
+    out = tmp_path_factory.mktemp("art") / demo_artifact.folder.name       # the name its card uses
     shutil.copytree(demo_artifact.folder, out)
     return out, json.loads((out / "report.json").read_text())
 
 
-def images(html: str) -> list[bytes]:
-    return [base64.b64decode(m) for m in re.findall(r'src="data:image/png;base64,([^"]+)"', html)]
+def images(page: str) -> list[bytes]:
+    return [base64.b64decode(m) for m in re.findall(r'src="data:image/png;base64,([^"]+)"', page)]
 
 
 def test_quick_suite_writes_the_three_files(art):
@@ -57,12 +61,34 @@ def test_quick_suite_writes_the_three_files(art):
     assert set(ev["versions"]) == {"quantfarm", "torch", "transformers", "lm_eval"}
     assert rep["calibration_hash"] and len(rep["layers"]) == 30
     card = (out / "README.md").read_text()
-    assert card.startswith("---\nbase_model: smollm2-135m")
+    assert card.startswith("---\n") and "library_name: transformers" in card and "base_model" not in card  # a demo
+    assert "**Verdict: " in card and "bits per weight" in card and "loads in" in card
     assert re.search(r"\| perplexity \|  \| perplexity \(lower is better\) \| 1022 \| [\d.]+ \| [\d.]+ \| [\d.]+% \|", card)
-    html = (out / "report.html").read_text()
-    pngs = images(html)            # per-layer error and KLD histogram (no task bars in quick)
+    page = (out / "report.html").read_text()
+    pngs = images(page)            # per-layer error and KLD histogram (no task bars in quick)
     assert len(pngs) == 2 and all(p.startswith(b"\x89PNG") for p in pngs)
-    assert "Per-layer quantization error" in html and "Per-token KL divergence" in html
+    assert "Per-layer quantization error" in page and "Per-token KL divergence" in page
+
+
+def test_model_card_snippet_runs_against_its_artifact(art):
+    """The card's Python snippet, run as a user would next to the folder, loads the artifact through
+    transformers and generates."""
+    out, _ = art
+    card = (out / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    assert f'model_dir = "{out.name}"' in code
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=out.parent, timeout=600,
+                       env={**os.environ, "GPTQMODEL_CPU_WORKERS": "2"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    prompt = "The capital of France is"
+    assert prompt in r.stdout and len(r.stdout.split(prompt, 1)[1].strip()) > 5, r.stdout
+
+
+def test_report_html_opens_with_the_verdict(art):
+    out, _ = art
+    page = html.unescape((out / "report.html").read_text())
+    assert page.index("Verdict: ") < page.index("Recovery against fp16")
+    assert "bits per weight" in page and "Settings used" in page and '"act_order": "static"' in page
 
 
 def test_leaderboard_eval_report_and_cache(art, home, monkeypatch, capsys):
@@ -77,11 +103,22 @@ def test_leaderboard_eval_report_and_cache(art, home, monkeypatch, capsys):
     assert all(r["n"] == 1 for r in ev["rows"]) and ev["settings"]["limit"] == 1
     assert ev["average"]["fp16"] == pytest.approx(sum(r["fp16"] for r in ev["rows"]) / 6)
     assert ev["recovery_basis"].startswith("average of the task scores")
-    html = (out / "report.html").read_text()     # task bars and per-layer error; no KLD in this suite
-    assert len(images(html)) == 2 and "Per-task score, fp16 vs quantized" in html and "KL divergence" not in html
+    page = (out / "report.html").read_text()     # task bars and per-layer error; no KLD in this suite
+    assert len(images(page)) == 2 and "Per-task score, fp16 vs quantized" in page and "KL divergence" not in page
     card = (out / "README.md").read_text()
     for n in names:
         assert f"| {n}" in card
+    from huggingface_hub import ModelCard            # the front matter as the Hub reads it
+    data = ModelCard(card).data
+    results = {r.dataset_type: r for r in data.eval_results}
+    assert set(results) == {"ai2_arc", "hellaswag", "cais/mmlu", "truthful_qa", "winogrande", "gsm8k"}
+    arc = results["ai2_arc"]
+    assert (arc.dataset_config, arc.dataset_split, arc.dataset_args, arc.metric_type) == \
+        ("ARC-Challenge", "test", {"num_few_shot": 25}, "acc_norm")
+    row = next(r for r in ev["rows"] if r["name"] == "arc_challenge")
+    assert arc.metric_value == round(100 * row["quantized"], 2) and arc.metric_args["fp16_value"] == round(100 * row["fp16"], 2)
+    assert data.license == "apache-2.0" and data.language == ["en"] and data.quantized_by == "quantfarm"
+    assert data.model_name == out.name and "base_model" not in data.to_dict()      # a demo, not a Hub model
     assert "| average (tasks) |" in card and "hellaswag: llama.cpp text layout" in card
     printed = capsys.readouterr().out
 
@@ -134,3 +171,18 @@ def test_job_below_min_recovery_ends_failed_quality(home, tmp_path):
     # the fp16 baseline of the module's first job was reused
     ev = json.loads((home / "artifacts" / job["id"] / "report.json").read_text())["evaluation"]
     assert ev["baseline_cache"] == {"text": "hit"}
+
+
+def test_front_matter_names_a_hub_base_model_at_its_revision():
+    """A Hub source is the card's base_model (with the pinned commit); local and demo sources are not."""
+    from huggingface_hub import ModelCard
+
+    from evaluation.model_index import front_matter
+    rep = {"spec": {"model": "HuggingFaceTB/SmolLM2-135M", "format": "awq", "algorithm": "awq", "bits": 4},
+           "revision": "0123456789abcdef0123456789abcdef01234567", "source_card": {"license": "apache-2.0"},
+           "evaluation": {"rows": []}}
+    data = ModelCard(front_matter(rep, "x") + "\n# x\n").data
+    assert (data.base_model, data.base_model_relation) == ("HuggingFaceTB/SmolLM2-135M", "quantized")
+    assert data.base_model_revision == rep["revision"] and data.tags == ["quantized", "awq", "4-bit", "quantfarm"]
+    rep["spec"]["model"] = "/models/local-llama"
+    assert "base_model" not in ModelCard(front_matter(rep, "x") + "\n# x\n").data.to_dict()
