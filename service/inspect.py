@@ -101,8 +101,7 @@ def render(d: dict) -> str:
         lines.append(f"quantizer    {', '.join(q.get('quantizer', []))} from {q.get('source_model')} @ "
                      f"{q.get('source_revision')}; calibration {q.get('calibration')} ({q.get('calibration_hash')})")
     for v in d["compatibility"]:
-        runtime = f"{v['runtime']} ({v['device'].upper()})" if v.get("device") else v["runtime"]
-        lines.append(f"{runtime:<13}{v['path'] if v['ok'] else 'not loadable'}"
+        lines.append(f"{v['runtime']:<13}{v['path'] if v['ok'] else 'not loadable'}"
                      + "".join(f"\n             - {n}" for n in v["notes"]))
     p = (d.get("report") or {}).get("perplexity")
     if p:

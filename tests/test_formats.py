@@ -202,6 +202,8 @@ WIDE = {(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)}
 
 
 def verdicts(fmt, algorithm, bits, gs, sym, shapes, act="none"):
+    """({"vllm" | "vllm-cpu" | "transformers": Verdict}, problems). What vLLM itself does with each of these
+    verdicts is checked in tests/test_vllm.py; here, what preflight derives for real model shapes."""
     s = preflight.Settings(fmt, algorithm, bits, gs, sym, act)
     return {v.runtime: v for v in preflight.runtimes(s, shapes)}, preflight.problems(s, shapes)
 
@@ -209,27 +211,38 @@ def verdicts(fmt, algorithm, bits, gs, sym, shapes, act="none"):
 def test_preflight_smollm2_shapes():
     v, p = verdicts("gptq", "gptq", 4, 128, True, SMOL, "static")
     assert not p                                             # GPTQ writes a ragged last group
-    assert v["vllm"].path.startswith("gptq (slower") and any("576" in n for n in v["vllm"].notes)
-    assert any("576" in n for n in v["vllm"].notes) and v["transformers"].notes
+    for runtime in ("vllm", "vllm-cpu"):                      # vLLM's loader refuses it, and preflight says why
+        assert not v[runtime].ok and v[runtime].reason == "AssertionError"
+        assert any("576 // 128 = 4 groups" in n for n in v[runtime].notes)
+    assert v["transformers"].ok and "backend='torch'" in v["transformers"].path
     _, p = verdicts("awq", "awq", 4, 128, False, SMOL)
     assert any("576" in x for x in p)                          # 576 % 128: AWQ refuses
     _, p = verdicts("compressed-tensors", "gptq", 4, 128, True, SMOL)
     assert p
+    v, p = verdicts("gptq", "gptq", 4, 64, True, SMOL, "static")        # the demo's settings load everywhere
+    assert not p and v["vllm"].kernel == "MarlinLinearKernel" and v["vllm-cpu"].kernel == "CPUWNA16LinearKernel"
     v, p = verdicts("awq", "awq", 4, 64, False, SMOL)
-    assert not p and v["vllm"].path.startswith("awq (slower")     # 192 and 576 are not multiples of 64/128
+    assert not p and v["vllm"].kernel == "MarlinLinearKernel"      # vLLM pads Marlin's tiles (192, 576)
     with pytest.raises(SpecError, match="group_size"):
         preflight.refuse_unwritable(preflight.report(preflight.Settings("awq", "awq", 4, 128, False), SMOL))
 
 
 def test_preflight_wide_shapes():
-    for fmt, algo, sym, path in [("gptq", "gptq", True, "gptq_marlin"), ("awq", "awq", False, "awq_marlin"),
-                                 ("compressed-tensors", "gptq", True, "compressed-tensors WNA16 (Marlin)")]:
+    for fmt, algo, sym, method in [("gptq", "gptq", True, "auto_gptq"), ("awq", "awq", False, "auto_awq"),
+                                   ("compressed-tensors", "gptq", True, "compressed-tensors")]:
         v, p = verdicts(fmt, algo, 4, 128, sym, WIDE, "static" if algo == "gptq" else "none")
-        assert not p and v["vllm"].ok and v["vllm"].path == path and not v["vllm"].notes, fmt
+        assert not p and v["vllm"].ok and v["vllm"].kernel == "MarlinLinearKernel", fmt
+        assert v["vllm"].path.startswith(method) and v["vllm-cpu"].ok, fmt
     v, p = verdicts("gptq", "gptq", 3, 128, True, WIDE)
-    assert not p and "3-bit has no Marlin kernel" in v["vllm"].notes
+    assert not p and not v["vllm"].ok and v["vllm"].reason == "Unsupported quantization config: bits=3, sym=True"
     v, _ = verdicts("gptq", "gptq", 4, 128, False, WIDE)
-    assert not v["vllm"].ok                                   # asymmetric GPTQ is gptq_v2
+    assert not v["vllm"].ok and "gptq_v2" in v["vllm"].notes[0]    # asymmetric GPTQ is gptq_v2
+    v, _ = verdicts("gptq", "gptq", 8, 128, True, WIDE, "static")
+    assert v["vllm"].ok and not v["vllm-cpu"].ok                          # vLLM CPU runs 4-bit only
+    v, _ = verdicts("gptq", "gptq", 4, 128, True, WIDE, "dynamic")
+    assert not v["vllm"].ok and "desc_act=True" in v["vllm"].reason and v["transformers"].ok
+    v, _ = verdicts("gptq", "gptq", 4, -1, True, WIDE, "dynamic")             # one group: g_idx is all zeros
+    assert v["vllm"].ok and v["vllm-cpu"].ok
     _, p = verdicts("awq", "awq", 8, 128, False, WIDE)
     assert any("4-bit" in x for x in p)
     _, p = verdicts("compressed-tensors", "gptq", 4, 128, True, WIDE, "dynamic")
@@ -246,10 +259,32 @@ def test_preflight_on_a_4096_wide_model_config():
     shapes = preflight.model_shapes(model)
     assert shapes == {(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)}
     report = preflight.report(preflight.Settings("awq", "awq", 4, 128, False), shapes)
-    assert report["writable"] and report["runtimes"][0]["path"] == "awq_marlin"
+    assert report["writable"] and report["runtimes"][0]["kernel"] == "MarlinLinearKernel"
     report = preflight.report(preflight.Settings("compressed-tensors", "gptq", 4, 256, True, "static"), shapes)
-    assert report["writable"] and not report["runtimes"][0]["ok"]          # 256 is no Marlin group size
-    assert any("group size 256" in n for n in report["runtimes"][0]["notes"])
+    gpu = report["runtimes"][0]
+    assert report["writable"] and gpu["ok"] and not gpu["kernel"]          # 256 is no Marlin group size: a fallback
+    assert any("group size 256" in n for n in gpu["notes"])
+
+
+@pytest.mark.parametrize("act_order, group_size, desc_act", [("static", 32, False), ("none", 32, False),
+                                                             ("dynamic", 32, True), ("dynamic", -1, False)])
+def test_gptq_config_says_desc_act_only_for_a_non_monotonic_g_idx(tmp_path, act_order, group_size, desc_act):
+    """desc_act tells loaders that g_idx may be out of order (vLLM then refuses the checkpoint): only dynamic
+    act-order with groups makes it so. The act-order itself is kept in meta for `inspect`."""
+    from service import inspect
+    model = tiny.tiny_model("llama")
+    cfg = QuantConfig(bits=4, group_size=group_size, desc_act=act_order != "none", static_groups=act_order == "static")
+    q, _ = quantize_model(model, tiny.calib(), cfg)
+    out = save(tmp_path / "a", model, None, q, cfg, "gptq", {"algorithm": "gptq"})
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    monotonic = all(bool((qw.g_idx.diff() >= 0).all()) for qw in q.values())
+    assert qc["desc_act"] is desc_act and monotonic is not desc_act
+    assert qc["meta"]["act_order"] == act_order and qc == json.loads((out / "quantize_config.json").read_text())
+    d = inspect.describe(out)
+    assert d["settings"]["act_order"] == act_order
+    assert ("act-order " + act_order in inspect.render(d)) is (act_order != "none")
+    gpu = next(v for v in d["compatibility"] if v["runtime"] == "vllm")
+    assert gpu["ok"] is not desc_act and ("desc_act=True" in gpu["reason"]) is desc_act
 
 
 @pytest.mark.parametrize("algorithm", ["gptq", "awq", "rtn"])

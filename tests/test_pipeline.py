@@ -34,7 +34,8 @@ def test_report_and_configs(tiny_dir, tmp_path):
     r = pipeline.run(spec(tiny_dir, sym=False, desc_act=True), tmp_path / "art", device="cpu")
     art = tmp_path / "art"
     qc = json.loads((art / "config.json").read_text())["quantization_config"]
-    assert qc["checkpoint_format"] == "gptq_v2" and qc["sym"] is False and qc["desc_act"] is True
+    assert qc["checkpoint_format"] == "gptq_v2" and qc["sym"] is False
+    assert qc["desc_act"] is False and qc["meta"]["act_order"] == "static"     # static act-order: g_idx monotonic
     assert qc["meta"]["source_model"] == tiny_dir and qc["meta"]["source_revision"] == r.revision
     assert json.loads((art / "quantize_config.json").read_text()) == qc
     report = json.loads((art / "report.json").read_text())
@@ -67,7 +68,8 @@ def test_algorithm_and_format_combinations(tiny_dir, tmp_path, algorithm, fmt):
     qc = json.loads((tmp_path / "art" / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == {"awq": "awq", "compressed-tensors": "compressed-tensors"}[fmt]
     assert qc["meta"]["algorithm"] == algorithm
-    assert r.preflight["writable"] and {v["runtime"] for v in r.preflight["runtimes"]} == {"vllm", "transformers"}
+    assert r.preflight["writable"]
+    assert {v["runtime"] for v in r.preflight["runtimes"]} == {"vllm", "vllm-cpu", "transformers"}
     assert r.perplexity["quantized"] > 0                 # evaluated from the artifact as read back
     if fmt == "awq":
         assert (tmp_path / "art" / "quant_config.json").exists()

