@@ -132,10 +132,14 @@ def usage(report: dict, folder_name: str) -> list[str]:
     if tf and tf["ok"]:
         needs = {"gptq": "optimum and gptqmodel", "awq": "gptqmodel", "compressed-tensors": "compressed-tensors"}
         qc = ""
+        qc, cls = "", ""
         if st.get("format") == "gptq" and st.get("ragged_groups"):
-            qc = f", quantization_config=GPTQConfig(bits={st['bits']}, backend=\"torch\")"
+            qc, cls = f", quantization_config=GPTQConfig(bits={st['bits']}, backend=\"torch\")", ", GPTQConfig"
+        elif st.get("format") == "compressed-tensors" and st.get("sym") is False:
+            qc = ", quantization_config=CompressedTensorsConfig(run_compressed=False)"
+            cls = ", CompressedTensorsConfig"
         out += [f"transformers (with {needs.get(st.get('format'), 'its quantization backend')} installed):", "",
-                "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer" + (", GPTQConfig" if qc else ""),
+                "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer" + cls,
                 f"model_dir = \"{folder_name}\"  # this folder, or its Hub id once published",
                 "tokenizer = AutoTokenizer.from_pretrained(model_dir)",
                 f"model = AutoModelForCausalLM.from_pretrained(model_dir, device_map=\"auto\"{qc})",

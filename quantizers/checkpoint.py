@@ -23,7 +23,7 @@ class LayerCheckpoint:
     def __init__(self, folder, recipe: dict):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.recipe = recipe
+        self.recipe = json.loads(json.dumps(recipe))   # as the manifest stores it (tuples become lists)
 
     def layers_done(self) -> int:
         m = self.folder / "manifest.json"

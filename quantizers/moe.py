@@ -127,6 +127,11 @@ def _check_same(fused, unfused, name: str):
                                     "cannot quantize them per expert yet")
 
 
+def has_experts(names) -> bool:
+    """Whether module or tensor names (a model's, or a checkpoint's) hold per-expert weights."""
+    return any(".experts." in n for n in names)
+
+
 def is_router(name: str) -> bool:
     return name.rpartition(".")[2] in ROUTER_LEAVES
 
@@ -195,6 +200,8 @@ def all_token_stats(layer, names: list[str], hidden, kwargs, device, run, replay
     """For expert Linears that saw too few routed tokens: their input statistics over every token the
     layer's experts receive (gate/up: the experts' input; down: the expert's own gate and up applied to
     it). One forward per batch, stopped at the experts. Returns {name: (Hessian accumulator, sum |x|)}."""
+    if not names:           # dense layers, or every expert well fed: no forward at all
+        return {}
     wanted: dict[str, list[tuple[int, str, str]]] = {}
     for n in names:
         m = EXPERT.match(n)

@@ -42,6 +42,10 @@ def _spec_arguments(p):
     p.add_argument("--no-true-sequential", dest="true_sequential", action="store_false",
                    help="collect all inputs of a layer at once instead of group by group")
     p.add_argument("--damp", type=float, default=0.01, help="damping as a fraction of mean(diag H)")
+    p.add_argument("--keep", action="append", default=[], metavar="PATTERN",
+                   help="leave these decoder modules in 16 bits on purpose (fnmatch on full names, e.g. "
+                        "'*.shared_expert.*'); repeatable. Without it a job fails if under 99%% of the "
+                        "decoder layers' weight matrices can be quantized")
     p.add_argument("--calibration", default="auto",
                    help="auto | c4 | wikitext2 | model | FILE.txt | FILE.jsonl | hf:NAME[:CONFIG[:SPLIT]]")
     p.add_argument("--samples", type=int, default=None,
@@ -87,7 +91,7 @@ def spec_from_args(a, **extra):
     return JobSpec(model=a.model, revision=a.revision, algorithm=a.algorithm, format=a.format, bits=a.bits,
                    group_size=a.group_size, sym=a.sym, desc_act=a.act_order != "none",
                    static_groups=a.act_order == "static",
-                   true_sequential=a.true_sequential, damp_percent=a.damp,
+                   true_sequential=a.true_sequential, damp_percent=a.damp, keep=a.keep,
                    calibration={"source": a.calibration, "seq_len": a.seq_len, "seed": a.seed,
                                 **_given(samples=a.samples)},
                    evaluation=evaluation_from_args(a), min_recovery=a.min_recovery,
@@ -173,10 +177,16 @@ def cmd_quantize(a) -> int:
         print(f"note         {sizing}")
     print(f"time         {r.seconds['total']:.1f} s total, {r.seconds['quantize']:.1f} s quantizing")
     print(f"size         {r.size_before_bytes / mb:.1f} MiB (16-bit) -> {r.size_after_bytes / mb:.1f} MiB")
+    from .preflight import runtime_line
     for v in r.preflight["runtimes"]:
-        print(f"{v['runtime']:<13}{v['path'] if v['ok'] else 'not loadable'}")
-    for w in r.warnings:
-        print(f"note         {w}")
+        print(f"{v['runtime']:<13}{runtime_line(v)}")
+    for v in r.preflight["runtimes"]:          # a refusal's note is its line above
+        for n in v["notes"][0 if v["ok"] else 1:]:
+            print(f"note         {v['runtime']}: {n}")
+    c = r.coverage
+    if c:
+        print(f"coverage     {100 * c['fraction']:.1f}% of the decoder layers' weight matrices quantized"
+              + (f" ({len(c['kept'])} kept 16-bit on purpose)" if c["kept"] else ""))
     if r.evaluation:
         print()
         print(report_text(r.evaluation))

@@ -1,10 +1,13 @@
 """`quantfarm inspect`: what an artifact folder holds, read from its config and safetensors headers
 (no weights are loaded), with the preflight verdicts for its shapes and any report numbers."""
+import dataclasses
 import json
+import re
 import struct
 from pathlib import Path
 
 from quantizers.artifact import read_quant_config
+from quantizers.moe import has_experts, is_router
 
 from . import preflight
 from .errors import ArtifactError
@@ -57,12 +60,33 @@ def quantized_shapes(headers: dict, s: preflight.Settings) -> dict[str, tuple[in
     return out
 
 
+LAYER = re.compile(r"(^|\.)layers\.\d+\.")       # a tensor inside a decoder layer
+
+
+def coverage_of(headers: dict, shapes: dict[str, tuple[int, int]]) -> dict:
+    """The share of the decoder layers' weight matrices stored quantized, from the headers alone: the
+    artifact's own answer, whatever report.json says. Routers are 16-bit on purpose and listed apart."""
+    quantized = sum(i * o for m, (i, o) in shapes.items() if LAYER.search(m))
+    plain, routers = {}, []
+    for k, h in headers.items():
+        if LAYER.search(k) and k.endswith(".weight") and len(h["shape"]) >= 2 and k[:-7] not in shapes:
+            if is_router(k[:-7]):
+                routers.append(k[:-7])
+            else:
+                n = 1
+                for d in h["shape"]:
+                    n *= d
+                plain[k[:-7]] = n
+    return {"fraction": quantized / max(quantized + sum(plain.values()), 1), "sixteen_bit": sorted(plain),
+            "routers": sorted(routers)}
+
+
 def describe(path) -> dict:
     folder = Path(path)
     qc = read_quant_config(folder)
     config = json.loads((folder / "config.json").read_text())
-    s = settings_of(qc)
     headers = _headers(folder)
+    s = dataclasses.replace(settings_of(qc), moe=has_experts(headers))
     shapes = quantized_shapes(headers, s)
     checks = preflight.report(s, set(shapes.values()))
     d = {
@@ -75,6 +99,7 @@ def describe(path) -> dict:
                   "hidden_size": config.get("hidden_size"), "dtype": config.get("dtype") or config.get("torch_dtype")},
         "sizes": {"safetensors_bytes": sum(f.stat().st_size for f in folder.glob("*.safetensors")),
                   "quantized_modules": len(shapes), "tensors": len(headers)},
+        "coverage": coverage_of(headers, shapes),
         "compatibility": checks["runtimes"],
     }
     rep = folder / "report.json"
@@ -100,9 +125,15 @@ def render(d: dict) -> str:
     if q:
         lines.append(f"quantizer    {', '.join(q.get('quantizer', []))} from {q.get('source_model')} @ "
                      f"{q.get('source_revision')}; calibration {q.get('calibration')} ({q.get('calibration_hash')})")
+    c = d["coverage"]
+    left = c["sixteen_bit"]
+    lines.append(f"coverage     {100 * c['fraction']:.1f}% of the decoder layers' weight matrices quantized"
+                 + (f"; {len(c['routers'])} routers 16-bit" if c["routers"] else "")
+                 + (f"; 16-bit: {', '.join(left[:4])}" + (f" and {len(left) - 4} more" if len(left) > 4 else "")
+                    if left else ""))
     for v in d["compatibility"]:
-        lines.append(f"{v['runtime']:<13}{v['path'] if v['ok'] else 'not loadable'}"
-                     + "".join(f"\n             - {n}" for n in v["notes"]))
+        lines.append(f"{v['runtime']:<13}{preflight.runtime_line(v)}"
+                     + "".join(f"\n             - {n}" for n in v["notes"][0 if v["ok"] else 1:]))
     p = (d.get("report") or {}).get("perplexity")
     if p:
         lines.append(f"perplexity   {p['fp16']:.3f} (fp16) -> {p['quantized']:.3f} (quantized), x{p['ratio']:.3f} "

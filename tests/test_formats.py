@@ -119,27 +119,32 @@ def logits(model, tokens):
         return model(input_ids=tokens, use_cache=False).logits.float()
 
 
-# transformers 5.23 with compressed-tensors 0.20 registers weight_zero_point unpacked ([out, G]) and
-# then refuses the packed [out/8, G] tensor that compressed-tensors' own compressor writes (and vLLM
-# reads): asymmetric pack-quantized checkpoints do not load through transformers there (see
-# vllm-project/llm-compressor#1618, #1704). Strict: the day it loads, this test says so.
-TRANSFORMERS_ASYM_CT = pytest.mark.xfail(strict=True, raises=RuntimeError,
-                                         reason="transformers + compressed-tensors cannot load asymmetric "
-                                                "pack-quantized zero points (third-party limitation)")
-
-
-@pytest.mark.parametrize("algorithm", ["gptq", pytest.param("awq", marks=TRANSFORMERS_ASYM_CT)])
+# transformers 5.23 with compressed-tensors 0.20 registers weight_zero_point unpacked ([out, G]) in its
+# compressed path and then refuses the packed [out/8, G] tensor that compressed-tensors' own compressor
+# writes (and vLLM reads; vllm-project/llm-compressor#1618, #1704). Decompressed at load
+# (run_compressed=False) it reads them. preflight's transformers verdict says which path, checked here:
+# the day the compressed path loads them, this test says so.
+@pytest.mark.parametrize("algorithm", ["gptq", "awq"])
 def test_ct_artifact_through_transformers_equals_our_reader(tmp_path, algorithm):
     pytest.importorskip("compressed_tensors")
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    from service import inspect
     out, q = _artifact(tmp_path, algorithm, "compressed-tensors")
+    verdict = {v["runtime"]: v for v in inspect.describe(out)["compatibility"]}["transformers"]
+    decompressed = "run_compressed=False" in verdict["path"]
+    assert verdict["ok"] and decompressed == (algorithm == "awq"), verdict          # awq: asymmetric
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert cfg["quant_method"] == "compressed-tensors" and cfg["format"] == "pack-quantized"
     assert cfg["config_groups"]["group_0"]["weights"]["symmetric"] == (algorithm == "gptq")
     ours, _, _ = load_artifact(out, with_tokenizer=False)
     for name, qw in q.items():
         assert torch.equal(ours.get_submodule(name).weight, qw.dequantize())
-    theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, device_map="cpu")
+    if decompressed:
+        with pytest.raises(RuntimeError, match="mismatched_sizes"):
+            AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, device_map="cpu")
+    kw = {"quantization_config": CompressedTensorsConfig(run_compressed=False)} if decompressed else {}
+    theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, device_map="cpu", **kw)
     tokens = tiny.calib(4, 32, seed=5)
     a, b = logits(ours, tokens), logits(theirs, tokens)
     assert ((a - b).norm() / a.norm()).item() < 2e-3        # fp16 rounding of their dequantization

