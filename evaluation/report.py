@@ -247,10 +247,10 @@ def plots(report: dict) -> list[tuple[str, str]]:
     return out
 
 
-def html_table(rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows[1:])
-    return f"<table><tr>{head}</tr>{body}</table>"
+def html_table(rows: list[list[str]], header: bool = True) -> str:
+    head = "<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in rows[0]) + "</tr>" if header else ""
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows[header:])
+    return f"<table{'' if header else ' class=facts'}>{head}{body}</table>"
 
 
 def html_page(report: dict) -> str:
@@ -260,7 +260,7 @@ def html_page(report: dict) -> str:
              ["settings", settings_line(report)]]
     cls = "ship" if v["ship"] else "noship" if v["ship"] is False else ""
     parts = [f"<h1>{html.escape(report['spec']['model'])}: {html.escape(name)}</h1>",
-             f"<p class='{cls}'><b>Verdict: {html.escape(v['text'])}.</b></p>", html_table([["", ""], *facts]),
+             f"<p class='{cls}'><b>Verdict: {html.escape(v['text'])}.</b></p>", html_table(facts, header=False),
              "<h2>Recovery against fp16</h2>", html_table(recovery_rows(ev, name))]
     if ev.get("kld"):
         parts += ["<h2>KL divergence</h2>", html_table(kld_rows(ev["kld"]))]
@@ -270,6 +270,7 @@ def html_page(report: dict) -> str:
     parts += ["<h2>Settings used</h2>", f"<pre>{html.escape(json.dumps(report.get('settings') or report['spec'], indent=1))}</pre>"]
     style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:.2em .6em;text-align:right}td:first-child{text-align:left}"
+             ".facts td{text-align:left}"
              "img{max-width:100%}.ship{color:#176117}.noship{color:#9b1c1c}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(name)}</title>"
             f"<style>{style}</style></head><body>{''.join(parts)}</body></html>\n")
