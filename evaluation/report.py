@@ -131,7 +131,6 @@ def usage(report: dict, folder_name: str) -> list[str]:
     tf = runtimes.get("transformers")
     if tf and tf["ok"]:
         needs = {"gptq": "optimum and gptqmodel", "awq": "gptqmodel", "compressed-tensors": "compressed-tensors"}
-        qc = ""
         qc, cls = "", ""
         if st.get("format") == "gptq" and st.get("ragged_groups"):
             qc, cls = f", quantization_config=GPTQConfig(bits={st['bits']}, backend=\"torch\")", ", GPTQConfig"

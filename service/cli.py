@@ -177,16 +177,15 @@ def cmd_quantize(a) -> int:
         print(f"note         {sizing}")
     print(f"time         {r.seconds['total']:.1f} s total, {r.seconds['quantize']:.1f} s quantizing")
     print(f"size         {r.size_before_bytes / mb:.1f} MiB (16-bit) -> {r.size_after_bytes / mb:.1f} MiB")
-    from .preflight import runtime_line
+    from .preflight import coverage_line, runtime_line, runtime_notes
     for v in r.preflight["runtimes"]:
         print(f"{v['runtime']:<13}{runtime_line(v)}")
-    for v in r.preflight["runtimes"]:          # a refusal's note is its line above
-        for n in v["notes"][0 if v["ok"] else 1:]:
+    for v in r.preflight["runtimes"]:
+        for n in runtime_notes(v):
             print(f"note         {v['runtime']}: {n}")
     c = r.coverage
     if c:
-        print(f"coverage     {100 * c['fraction']:.1f}% of the decoder layers' weight matrices quantized"
-              + (f" ({len(c['kept'])} kept 16-bit on purpose)" if c["kept"] else ""))
+        print("coverage     " + coverage_line(c["fraction"], f" ({len(c['kept'])} kept 16-bit on purpose)" if c["kept"] else ""))
     if r.evaluation:
         print()
         print(report_text(r.evaluation))

@@ -2,6 +2,7 @@
 (no weights are loaded), with the preflight verdicts for its shapes and any report numbers."""
 import dataclasses
 import json
+import math
 import re
 import struct
 from pathlib import Path
@@ -73,10 +74,7 @@ def coverage_of(headers: dict, shapes: dict[str, tuple[int, int]]) -> dict:
             if is_router(k[:-7]):
                 routers.append(k[:-7])
             else:
-                n = 1
-                for d in h["shape"]:
-                    n *= d
-                plain[k[:-7]] = n
+                plain[k[:-7]] = math.prod(h["shape"])
     return {"fraction": quantized / max(quantized + sum(plain.values()), 1), "sixteen_bit": sorted(plain),
             "routers": sorted(routers)}
 
@@ -127,13 +125,12 @@ def render(d: dict) -> str:
                      f"{q.get('source_revision')}; calibration {q.get('calibration')} ({q.get('calibration_hash')})")
     c = d["coverage"]
     left = c["sixteen_bit"]
-    lines.append(f"coverage     {100 * c['fraction']:.1f}% of the decoder layers' weight matrices quantized"
-                 + (f"; {len(c['routers'])} routers 16-bit" if c["routers"] else "")
-                 + (f"; 16-bit: {', '.join(left[:4])}" + (f" and {len(left) - 4} more" if len(left) > 4 else "")
-                    if left else ""))
+    lines.append("coverage     " + preflight.coverage_line(
+        c["fraction"], f"; {len(c['routers'])} routers 16-bit" if c["routers"] else "",
+        f"; 16-bit: {', '.join(left[:4])}" + (f" and {len(left) - 4} more" if len(left) > 4 else "") if left else ""))
     for v in d["compatibility"]:
         lines.append(f"{v['runtime']:<13}{preflight.runtime_line(v)}"
-                     + "".join(f"\n             - {n}" for n in v["notes"][0 if v["ok"] else 1:]))
+                     + "".join(f"\n             - {n}" for n in preflight.runtime_notes(v)))
     p = (d.get("report") or {}).get("perplexity")
     if p:
         lines.append(f"perplexity   {p['fp16']:.3f} (fp16) -> {p['quantized']:.3f} (quantized), x{p['ratio']:.3f} "

@@ -114,8 +114,8 @@ def quantization_config(cfg: QuantConfig, fmt: str, meta: dict) -> tuple[dict, d
 
 
 def declare_kept(qc: dict, fmt: str, names: list[str]) -> dict:
-    """Tell the loaders which decoder Linears stay 16-bit (kept on purpose, routers), each format its own way: compressed-tensors'
-    `ignore` list, AWQ's `modules_to_not_convert`, GPTQ's `dynamic` rules ("-:" + a regex: skip)."""
+    """Tell the loaders which decoder Linears stay 16-bit (kept on purpose, routers), each format its own
+    way: compressed-tensors' `ignore` list, AWQ's `modules_to_not_convert`, GPTQ's `dynamic` rules ("-:" + a regex: skip)."""
     if not names:
         return qc
     if fmt == "compressed-tensors":
@@ -134,7 +134,7 @@ def save(out_dir, model, tokenizer, quantized, cfg: QuantConfig, fmt: str, meta:
     # every decoder Linear left 16-bit (kept ones, routers): a loader that is not told quantizes it too
     # (vLLM's Qwen-MoE gates take the model's quant_config)
     cover = coverage(model, cfg.keep)
-    declare_kept(qc, fmt, [rename(n) for n in cover["routers"] + cover["kept"]])                    # in place: GPTQ's side file is the same dict
+    declare_kept(qc, fmt, [rename(n) for n in cover["routers"] + cover["kept"]])   # in place: GPTQ's side file too
     layout = qc.get("checkpoint_format", fmt)      # gptq_v2 for asymmetric GPTQ
     return artifact.write_artifact(out_dir, model, tokenizer, quantized, layout, qc, side_files=side,
                                    overwrite=overwrite)

@@ -221,6 +221,16 @@ def runtime_line(v: dict) -> str:
     return "refuses it: " + (v["notes"][0].split("refuses: ", 1)[-1] if v["notes"] else v["reason"])
 
 
+def runtime_notes(v: dict) -> list[str]:
+    """The notes below that line: a refusal's first note is the line itself."""
+    return v["notes"][0 if v["ok"] else 1:]
+
+
+def coverage_line(fraction: float, *extras: str) -> str:
+    """How much of the decoder layers' weights is quantized, as `quantize` and `inspect` print it."""
+    return f"{100 * fraction:.1f}% of the decoder layers' weight matrices quantized" + "".join(extras)
+
+
 def runtimes(s: Settings, shapes: set[tuple[int, int]]) -> list[Verdict]:
     """Which path vLLM (on a GPU, and on a CPU) and transformers take for an artifact with these settings
     and Linear shapes, or why they refuse it."""
