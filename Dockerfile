@@ -11,6 +11,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends python3 python3
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY core core
 COPY service service
 COPY quantizers quantizers
 COPY calibration calibration

@@ -29,10 +29,12 @@ def main(argv=None):
 
     from calibration import build_calibration, eval_tokens
     from evaluation.text_metrics import perplexity
-    from quantizers.driver import QuantConfig, quantize_model
-    from service.cli import quiet_third_party
-    from service.pipeline import round_to_storage
-    from service.sources import load_model, resolve_model
+    from quantizers.config import QuantConfig
+    from quantizers.scheme import Scheme
+    from quantizers.walk import quantize_model
+    from service.cli.main import quiet_third_party
+    from service.job.pipeline import round_to_storage
+    from service.job.models import load_model, resolve_model
 
     quiet_third_party()
     base, tok = load_model(resolve_model("smollm2-135m"))
@@ -41,8 +43,7 @@ def main(argv=None):
     calib = build_calibration("c4", tok, n_samples=a.samples, seq_len=a.seq_len, seed=0)
     for cap in (int(x) for x in a.tokens.split(",")):
         model = copy.deepcopy(base)
-        cfg = QuantConfig(algorithm="awq", group_size=a.group_size, sym=False, search_dtype=a.search_dtype,
-                          awq_search_tokens=cap)
+        cfg = QuantConfig(scheme=Scheme(group_size=a.group_size, sym=False), algorithm="awq", search_dtype=a.search_dtype, awq_search_tokens=cap)
         t, c = time.perf_counter(), time.process_time()
         quantize_model(model, calib.tokens, cfg, "cpu")
         wall, cpu = time.perf_counter() - t, time.process_time() - c

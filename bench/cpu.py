@@ -31,8 +31,8 @@ def prepare(work: Path, samples: int, seq_len: int, seed: int):
     from safetensors.torch import save_file
 
     from calibration import build_calibration, eval_tokens
-    from service.pipeline import round_to_storage
-    from service.sources import load_model, resolve_model
+    from service.job.pipeline import round_to_storage
+    from service.job.models import load_model, resolve_model
 
     model, tok = load_model(resolve_model("smollm2-135m"))
     round_to_storage(model)
@@ -54,19 +54,20 @@ def run_ours(a):
 
     from evaluation.text_metrics import perplexity
     from quantizers import artifact
-    from quantizers.driver import QuantConfig, quantize_model
-    from service.pipeline import save
-    from service.sources import load_model, resolve_model
+    from quantizers.config import QuantConfig
+    from quantizers.scheme import Scheme
+    from quantizers.walk import quantize_model
+    from quantizers.artifact import save
+    from service.job.models import load_model, resolve_model
 
     work = Path(a.work)
     model, tok = load_model(resolve_model(str(work / "smollm2-fp16")))
     tokens = load_file(str(work / "calib.safetensors"))["tokens"]
     ev = load_file(str(work / "eval.safetensors"))["tokens"]
     gptq = a.algorithm == "gptq"
-    cfg = QuantConfig(algorithm=a.algorithm, bits=a.bits, group_size=a.group_size, sym=gptq,
-                      desc_act=gptq and a.act_order != "none", static_groups=gptq and a.act_order == "static",
-                      true_sequential=not a.no_true_sequential, awq_duo=a.awq_duo, awq_clip=not a.no_clip,
-                      search_dtype=a.search_dtype)
+    cfg = QuantConfig(scheme=Scheme(a.bits, a.group_size, sym=gptq, act_order=a.act_order if gptq else "none"),
+                      algorithm=a.algorithm, true_sequential=not a.no_true_sequential, awq_duo=a.awq_duo,
+                      awq_clip=not a.no_clip, search_dtype=a.search_dtype)
     wall, cpu = time.perf_counter(), time.process_time()
     q, reports = quantize_model(model, tokens, cfg, "cpu")
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
@@ -76,8 +77,8 @@ def run_ours(a):
     ppl = perplexity(loaded, ev, a.window_len, max_windows=a.windows)
     base = perplexity(load_model(resolve_model(str(work / "smollm2-fp16")))[0], ev, a.window_len, max_windows=a.windows)
     print("RESULT " + json.dumps({
-        "tool": "quantfarm", "algorithm": a.algorithm, "bits": cfg.bits, "group_size": cfg.group_size,
-        "desc_act": cfg.desc_act, "static_groups": cfg.static_groups, "true_sequential": cfg.true_sequential,
+        "tool": "quantfarm", "algorithm": a.algorithm, "bits": cfg.scheme.bits,
+        "group_size": cfg.scheme.group_size, "act_order": cfg.scheme.act_order.value, "true_sequential": cfg.true_sequential,
         **({"awq_duo": cfg.awq_duo, "awq_clip": cfg.awq_clip, "search_dtype": cfg.search_dtype}
            if a.algorithm == "awq" else {}),
         "n_samples": int(tokens.shape[0]), "seq_len": int(tokens.shape[1]), "threads": torch.get_num_threads(),

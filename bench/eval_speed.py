@@ -53,8 +53,8 @@ def main(argv=None):
 
     from calibration import data_dir
     from evaluation.leaderboard import lm_eval_version, lm_for
-    from service.pipeline import compute_dtype, pick_device, round_to_storage
-    from service.sources import load_model, resolve_model
+    from service.job.pipeline import compute_dtype, pick_device, round_to_storage
+    from service.job.models import load_model, resolve_model
 
     dev = pick_device(args.device)
     model, tok = load_model(resolve_model(args.model), dtype=compute_dtype(dev))

@@ -51,22 +51,23 @@ def calibration(samples: int, seq_len: int) -> torch.Tensor:
 
 
 def config(a):
-    from quantizers.driver import QuantConfig
+    from quantizers.config import QuantConfig
+    from quantizers.scheme import Scheme
     if a.algorithm == "gptq":   # llm-compressor's W4A16 defaults: symmetric, static act-order
-        return QuantConfig(algorithm="gptq", bits=4, group_size=a.group_size, sym=True, desc_act=True,
-                           static_groups=True, batch_size=a.batch_size)
-    return QuantConfig(algorithm="awq", bits=4, group_size=a.group_size, sym=False, batch_size=a.batch_size)
+        return QuantConfig(scheme=Scheme(4, a.group_size, sym=True, act_order="static"), batch_size=a.batch_size)
+    return QuantConfig(algorithm="awq", scheme=Scheme(4, a.group_size, sym=False), batch_size=a.batch_size)
 
 
 def pack(results: dict, algorithm: str) -> int:
     """Every result packed on the GPU and copied to host memory; returns the packed bytes."""
-    from quantizers import awq_format, gptq_format
+    from quantizers.formats.awq import AWQ
+    from quantizers.formats.gptq import GPTQ
     from quantizers.grid import QuantizedWeight
     total = 0
     for qw in results.values():
         qw = QuantizedWeight(qw.codes.cuda(), qw.scales.cuda(), qw.zeros.cuda(), qw.g_idx.cuda(), qw.bits,
                              qw.group_size, qw.sym)
-        t = gptq_format.to_tensors(qw, "gptq") if algorithm == "gptq" else awq_format.to_tensors(qw)
+        t = GPTQ().pack(qw, "gptq") if algorithm == "gptq" else AWQ().to_tensors(qw, torch.float16)
         total += sum(v.cpu().numel() * v.element_size() for v in t.values())
     return total
 
@@ -84,7 +85,7 @@ def layer_errors(reports) -> list[dict]:
 
 
 def run_ours(a) -> dict:
-    from quantizers.driver import quantize_model
+    from quantizers.walk import quantize_model
     model = build(a.layers)
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     tokens = calibration(a.samples, a.seq_len).cuda()
@@ -117,13 +118,12 @@ def run_ours(a) -> dict:
 def check_layers(a) -> list[dict]:
     """Each GPTQ group of the first K layers, also through the fp32 reference loop on the same W and H."""
     from quantizers import gptq
-    from quantizers.driver import quantize_model
+    from quantizers.walk import quantize_model
     cfg = config(a)
     rows = []
 
     def on_group(layer, names, W, H, info):
-        ref, ref_stats = gptq.quantize_weight(W, H, cfg.bits, cfg.group_size, cfg.sym, cfg.desc_act, cfg.static_groups,
-                                              cfg.damp_percent, kernel="torch")
+        ref, ref_stats = gptq.quantize_weight(W, H, cfg.scheme, cfg.damp_percent, kernel="torch")
         fast = info["rel_error"]
         rows.append({"layer": layer, "group": names, "rel_error": fast, "reference_rel_error": ref_stats.rel_error,
                      "ratio": fast / ref_stats.rel_error})
@@ -139,7 +139,8 @@ def check_layers(a) -> list[dict]:
 def check_hessian(a) -> dict:
     """Layer 0's q/k/v and down_proj inputs accumulated three ways."""
     from quantizers import gptq
-    from quantizers.driver import capture_layer_inputs, decoder_layers
+    from quantizers.layers import capture_layer_inputs, decoder_layers
+    from quantizers.scheme import Scheme
     model = build(1)
     layers = decoder_layers(model)
     hidden, kwargs = capture_layer_inputs(model, layers, calibration(a.samples, a.seq_len).cuda(), a.batch_size, "cuda")
@@ -173,7 +174,7 @@ def check_hessian(a) -> dict:
         W = e["mod"].weight.float()
         row = {}
         for k, Hk in H.items():
-            qw, _ = gptq.quantize_weight(W, Hk.float(), 4, a.group_size, True)
+            qw, _ = gptq.quantize_weight(W, Hk.float(), Scheme(bits=4, group_size=a.group_size, sym=True))
             Q = qw.dequantize()
             row[k] = {"rel_diff_vs_fp64": ((Hk - truth).norm() / truth.norm()).item(),
                       "gptq_rel_error_under_fp64_H": gptq.relative_error(W.double(), Q.double(), truth)}

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from service.errors import CalibrationError
+from core.errors import CalibrationError
 
 from .sources import C4_RELPATH, WIKITEXT2_RELPATH, resolve_text_source, sample_from_model, shared_file
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from service.errors import CalibrationError
+from core.errors import CalibrationError
 
 C4_RELPATH = "c4/c4_en_train_first1000.jsonl"
 WIKITEXT2_RELPATH = "wikitext2/wiki.valid.tokens"

@@ -13,7 +13,7 @@ import pathlib
 import time
 from importlib.metadata import version
 
-from service.errors import EvaluationError
+from core.errors import EvaluationError
 
 from .task_data import TASKS, splits
 

@@ -7,7 +7,8 @@ import io
 import json
 from pathlib import Path
 
-from quantizers import artifact
+from quantizers import artifact, formats
+from quantizers.scheme import Scheme
 from . import model_index
 from .suite import Evaluation
 
@@ -25,8 +26,7 @@ def num(x, name="") -> str:
 def label(report: dict) -> str:
     s = report["spec"]
     sym = "" if s["algorithm"] == "awq" else (" sym" if s.get("sym") in (None, True) else " asym")
-    return f"{s['format'].upper() if s['format'] != 'compressed-tensors' else 'compressed-tensors'} " \
-           f"w{s['bits']} g{s['group_size']}{sym} ({s['algorithm']})"
+    return f"{formats.get(s['format']).title} w{s['bits']} g{s['group_size']}{sym} ({s['algorithm']})"
 
 
 def recovery_rows(ev: dict, quantized_name: str = "quantized") -> list[list[str]]:
@@ -130,18 +130,13 @@ def usage(report: dict, folder_name: str) -> list[str]:
     out = []
     tf = runtimes.get("transformers")
     if tf and tf["ok"]:
-        needs = {"gptq": "optimum and gptqmodel", "awq": "gptqmodel", "compressed-tensors": "compressed-tensors"}
-        qc, cls = "", ""
-        if st.get("format") == "gptq" and st.get("ragged_groups"):
-            qc, cls = f", quantization_config=GPTQConfig(bits={st['bits']}, backend=\"torch\")", ", GPTQConfig"
-        elif st.get("format") == "compressed-tensors" and st.get("sym") is False:
-            qc = ", quantization_config=CompressedTensorsConfig(run_compressed=False)"
-            cls = ", CompressedTensorsConfig"
-        out += [f"transformers (with {needs.get(st.get('format'), 'its quantization backend')} installed):", "",
-                "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer" + cls,
+        u = formats.get(st["format"]).usage(Scheme(st["bits"], st["group_size"], st["sym"]),
+                                            bool(st.get("ragged_groups")))
+        out += [f"transformers (with {u.needs} installed):", "",
+                "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer" + u.imports,
                 f"model_dir = \"{folder_name}\"  # this folder, or its Hub id once published",
                 "tokenizer = AutoTokenizer.from_pretrained(model_dir)",
-                f"model = AutoModelForCausalLM.from_pretrained(model_dir, device_map=\"auto\"{qc})",
+                f"model = AutoModelForCausalLM.from_pretrained(model_dir, device_map=\"auto\"{u.config})",
                 "inputs = tokenizer(\"The capital of France is\", return_tensors=\"pt\").to(model.device)",
                 "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=16)[0]))", "```", ""]
     elif tf:

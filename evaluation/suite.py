@@ -17,7 +17,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 from safetensors.torch import load_file, save_file
 
-from service.errors import EvaluationError
+from core.errors import EvaluationError
+from core.version import quantfarm_version
 
 from . import leaderboard, text_metrics
 from .task_data import TASKS, data_hash, task_folder
@@ -78,7 +79,6 @@ def parts(suite) -> list[str]:
 
 
 def versions() -> dict:
-    from service.pipeline import quantfarm_version
     return {"quantfarm": quantfarm_version(), "torch": torch.__version__, "transformers": version("transformers"),
             "lm_eval": leaderboard.lm_eval_version()}
 
@@ -113,7 +113,7 @@ class BaselineCache:
         os.replace(tmp, self.root / f"{key}.json")
 
 
-class Plan:
+class EvaluationPlan:
     """The parts to run for one (source model, settings), with their cache keys."""
 
     def __init__(self, ev: Evaluation, model_id: str, revision: str, dtype: torch.dtype, device: torch.device,
@@ -190,7 +190,7 @@ class Plan:
         return compare(self, base, quant)
 
 
-def compare(plan: Plan, base: dict, quant: dict) -> dict:
+def compare(plan: EvaluationPlan, base: dict, quant: dict) -> dict:
     """The recovery table. Tasks: quantized / fp16 score; perplexity: fp16 / quantized (both: 1 = no loss).
     The gated `recovery` is that of the task average when tasks ran, else perplexity's."""
     ev, rows = plan.ev, []

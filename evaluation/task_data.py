@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from calibration.sources import data_dir
-from service.errors import EvaluationError
+from core.errors import EvaluationError
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from service.errors import EvaluationError
+from core.errors import EvaluationError
 
 KLD_BINS = torch.logspace(-6, 1, 29)       # histogram edges for the report's plot (4 per decade)
 

@@ -5,6 +5,7 @@ A checkpoint is: sharded safetensors (quantized Linears in the format's tensors,
 generation config, plus any report files. It is written into a temporary sibling folder and
 renamed into place, so a reader never sees half an artifact.
 """
+import dataclasses
 import json
 import os
 import shutil
@@ -16,10 +17,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from service.errors import ArtifactError, SpecError
+from core.errors import ArtifactError
 
-from . import awq_format, ct_format, gptq_format, moe
+from . import formats, moe
+from .config import QuantConfig
 from .grid import QuantizedWeight
+from .walk import coverage
 
 SHARD_BYTES = 2 * 2 ** 30
 INDEX = "model.safetensors.index.json"
@@ -42,7 +45,7 @@ def _tied_lm_head(model) -> str | None:
     return None
 
 
-def model_tensors(model, quantized: dict[str, QuantizedWeight], fmt: str) -> dict[str, torch.Tensor]:
+def model_tensors(model, quantized: dict[str, QuantizedWeight], fmt: formats.Format) -> dict[str, torch.Tensor]:
     """All tensors of the checkpoint: the format's tensors for quantized Linears, 16-bit for the rest."""
     dtype = storage_dtype(model)
     skip = {f"{n}.weight" for n in quantized}
@@ -52,14 +55,7 @@ def model_tensors(model, quantized: dict[str, QuantizedWeight], fmt: str) -> dic
     tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous().cpu()
                for k, v in model.state_dict().items() if k not in skip}
     for name, qw in quantized.items():
-        if fmt in ("gptq", "gptq_v2"):
-            t = gptq_format.to_tensors(qw, fmt)
-        elif fmt == "awq":
-            t = awq_format.to_tensors(qw)
-        elif fmt == "compressed-tensors":
-            t = ct_format.to_tensors(qw, dtype)
-        else:
-            raise SpecError(f"unknown checkpoint format {fmt!r}")
+        t = fmt.to_tensors(qw, dtype)
         tensors.update({f"{name}.{k}": v.cpu() for k, v in t.items()})
     rename = moe.checkpoint_renamer(model)            # per-expert names as the family's checkpoints have them
     return {rename(k): v for k, v in tensors.items()} if rename else tensors
@@ -102,7 +98,7 @@ def save_sharded(tensors: dict[str, torch.Tensor], folder: Path, max_shard_bytes
     (folder / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
 
-def write_artifact(out_dir, model, tokenizer, quantized: dict[str, QuantizedWeight], fmt: str,
+def write_artifact(out_dir, model, tokenizer, quantized: dict[str, QuantizedWeight], fmt: formats.Format,
                    quant_config: dict, side_files: dict[str, dict] | None = None,
                    extra_files: dict[str, str | bytes] | None = None, overwrite: bool = False,
                    max_shard_bytes: int = SHARD_BYTES) -> Path:
@@ -145,6 +141,26 @@ def write_artifact(out_dir, model, tokenizer, quantized: dict[str, QuantizedWeig
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def with_scale_dtype(cfg: QuantConfig, fmt: str, model) -> QuantConfig:
+    """The config with the scale dtype the format stores (GPTQ and AWQ float16, compressed-tensors the
+    model's): the grids round scales to it before choosing codes, so the artifact holds exactly what
+    was computed."""
+    dtype = formats.get(fmt).scale_dtype(storage_dtype(model))
+    return dataclasses.replace(cfg, scheme=cfg.scheme.replace(scale_dtype=str(dtype).removeprefix("torch.")))
+
+
+def save(out_dir, model, tokenizer, quantized, cfg: QuantConfig, fmt: str, meta: dict, overwrite: bool = False) -> Path:
+    """Write the artifact in a format of the table, with its quantization_config and side files."""
+    f = formats.get(fmt)
+    qc, side = f.config(cfg.scheme, {"true_sequential": cfg.true_sequential, "damp_percent": cfg.damp_percent}, meta)
+    rename = moe.checkpoint_renamer(model) or (lambda n: n)
+    # every decoder Linear left 16-bit (kept ones, routers): a loader that is not told quantizes it too
+    # (vLLM's Qwen-MoE gates take the model's quant_config)
+    cover = coverage(model, cfg.keep)
+    f.declare_kept(qc, [rename(n) for n in cover["routers"] + cover["kept"]])
+    return write_artifact(out_dir, model, tokenizer, quantized, f, qc, side_files=side, overwrite=overwrite)
 
 
 def add_file(artifact_dir, name: str, content: str | bytes):
@@ -210,27 +226,11 @@ def read_quant_config(folder) -> dict:
 
 def quantized_weights(tensors: dict[str, torch.Tensor], qc: dict) -> dict[str, QuantizedWeight]:
     """Pop each quantized Linear's tensors out of `tensors` and decode them."""
-    method = qc.get("quant_method")
-    if method == "gptq":
-        fmt = qc.get("checkpoint_format", "gptq")
-        decode, names, marker = (lambda t: gptq_format.from_tensors(t, qc["bits"], fmt, qc.get("sym", True),
-                                                                  qc["group_size"])), gptq_format.TENSORS, "qweight"
-    elif method == "awq":
-        if qc.get("bits") != 4 or str(qc.get("version", "gemm")).lower() != "gemm":
-            raise ArtifactError(f"only 4-bit AWQ GEMM checkpoints are read, not {qc}")
-        decode, names, marker = (lambda t: awq_format.from_tensors(t, qc["group_size"])), awq_format.TENSORS, "qweight"
-    elif method == "compressed-tensors":
-        groups = list(qc.get("config_groups", {}).values())
-        if qc.get("format") != "pack-quantized" or len(groups) != 1:
-            raise ArtifactError("only pack-quantized compressed-tensors checkpoints with one config group are read")
-        w = groups[0]["weights"]
-        gs = -1 if w.get("strategy") == "channel" else w["group_size"]
-        decode = lambda t: ct_format.from_tensors(t, w["num_bits"], gs, w["symmetric"])  # noqa: E731
-        names, marker = ct_format.tensor_names(w["symmetric"]), "weight_packed"
-    else:
-        raise ArtifactError(f"cannot read quant_method {method!r}")
+    fmt = formats.of_config(qc)
+    names, decode = fmt.reader(qc)
+    marker = "." + fmt.marker
     out = {}
-    for n in [k[:-len(marker) - 1] for k in tensors if k.endswith("." + marker)]:
+    for n in [k[:-len(marker)] for k in tensors if k.endswith(marker)]:
         out[n] = decode({k: tensors.pop(f"{n}.{k}") for k in names if f"{n}.{k}" in tensors})
     return out
 

@@ -10,7 +10,7 @@ Per group of Linears sharing one input X (and the op before them that produced X
    output error e^T H_g e (H = X^T X) falls;
 3. zero-point group quantization on the group's own min and max (FORMATS.md §2).
 
-The driver (driver.py) knows which modules form the blocks; nothing here knows about models.
+awq_layer.py knows which modules form the blocks; nothing here knows about models.
 """
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 import torch
 
 from .grid import SCALE_MIN, QuantizedWeight, group_index
+from .scheme import Scheme
 
 
 def _group_width(in_features: int, group_size: int) -> int:
@@ -46,9 +47,10 @@ def fake_quantize(W: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     return ((q - zero[..., None]) * scale[..., None]).reshape(out_f, in_f)
 
 
-def quantize_weight(W: torch.Tensor, bits: int, group_size: int,
-                    scale_dtype: torch.dtype = torch.float16) -> QuantizedWeight:
-    """The final zero-point quantization of (already scaled and clipped) W [out, in]."""
+def quantize_weight(W: torch.Tensor, q: Scheme) -> QuantizedWeight:
+    """The final zero-point quantization of (already scaled and clipped) W [out, in] onto `q` (its sym
+    is not read: AWQ's grid always has zero points)."""
+    bits, group_size, scale_dtype = q.bits, q.group_size, q.scale_torch_dtype
     out_f, in_f = W.shape
     Wg = W.float().reshape(out_f, -1, _group_width(in_f, group_size))
     scale, zero = zero_point_grid(Wg, bits, scale_dtype)
@@ -99,10 +101,11 @@ class ScaleSearch:
     identity_loss: float     # block loss with s = 1 (plain rounding)
 
 
-def search_scale(x_mean: torch.Tensor, weights: Sequence[torch.Tensor], bits: int, group_size: int,
+def search_scale(x_mean: torch.Tensor, weights: Sequence[torch.Tensor], q: Scheme,
                  block_loss: Callable[[list[torch.Tensor]], float], n_grid: int = 20,
                  duo: str = "duo") -> ScaleSearch:
     """The per-input-channel scale minimising block_loss([Q(W_i * s) / s for each W_i])."""
+    bits, group_size = q.bits, q.group_size
     x_mean = x_mean.float()
     w_mean = weight_mean(torch.cat([w.float() for w in weights]), group_size)
     best, identity = None, None
@@ -127,10 +130,11 @@ def diagonal_blocks(H: torch.Tensor, group_size: int) -> torch.Tensor:
     return H.reshape(G, gs, G, gs).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
 
 
-def search_clip(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, n_grid: int = 20,
+def search_clip(W: torch.Tensor, H: torch.Tensor, q: Scheme, n_grid: int = 20,
                 max_shrink: float = 0.5, rows_per_chunk: int = 4096) -> torch.Tensor:
     """W [out, in] with each (row, group) clamped to the symmetric range ±m that minimises the
     group's output error e^T H_g e after quantization, m shrinking from max|w| in 1/n_grid steps."""
+    bits, group_size = q.bits, q.group_size
     out_f, in_f = W.shape
     gs = _group_width(in_f, group_size)
     Hd = diagonal_blocks(H.float(), group_size)                     # [G, gs, gs]

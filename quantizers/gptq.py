@@ -9,9 +9,10 @@ from dataclasses import dataclass
 
 import torch
 
-from service.errors import QuantizationError
+from core.errors import QuantizationError
 
 from .grid import QuantizedWeight, grid_params, group_count, quantize_codes
+from .scheme import Scheme
 
 DAMP_STEP = 0.01   # added to damp_percent each time the Cholesky factorisation fails
 DAMP_MAX = 1.0
@@ -44,18 +45,18 @@ def hessian_inverse_factor(H: torch.Tensor, damp_percent: float):
                 "probably does not exercise this layer (use more or more varied samples)")
 
 
-def quantize_weight(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bool = True,
-                    desc_act: bool = False, static_groups: bool = False, damp_percent: float = 0.01,
-                    scale_dtype: torch.dtype = torch.float16,
+def quantize_weight(W: torch.Tensor, H: torch.Tensor, q: Scheme = Scheme(), damp_percent: float = 0.01,
                     kernel: str = "auto") -> tuple[QuantizedWeight, GPTQStats]:
-    """GPTQ-quantize W [out, in] against H [in, in]. Returns the quantized weight and its statistics.
+    """GPTQ-quantize W [out, in] against H [in, in] onto the grid `q`. Returns the quantized weight and
+    its statistics.
 
-    desc_act processes columns by descending diag(H) and forms groups in that order (non-monotonic
-    g_idx); static_groups takes every group's grid from the unmodified weights in natural order, so
-    g_idx stays c // group_size even under desc_act. Dead inputs (diag(H) == 0) get zero weights.
+    Act-order processes columns by descending diag(H); dynamic forms groups in that order (non-monotonic
+    g_idx), static takes every group's grid from the unmodified weights in natural order, so g_idx stays
+    c // group_size. Dead inputs (diag(H) == 0) get zero weights.
     kernel: "auto" runs the column loop as one Triton kernel per block on CUDA and in torch
     elsewhere; "torch" or "triton" forces one (Triton on CPU tensors needs TRITON_INTERPRET=1).
     """
+    bits, group_size, sym, scale_dtype = q.bits, q.group_size, q.sym, q.scale_torch_dtype
     W = W.detach().float().clone()
     H = H.detach().float().clone()
     out_f, in_f = W.shape
@@ -68,10 +69,10 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size:
     W[:, dead] = 0
 
     static = None
-    if static_groups and group_size != -1:
+    if q.static_groups and group_size != -1:
         static = [grid_params(W[:, g * gs:(g + 1) * gs], bits, sym, scale_dtype) for g in range(group_count(in_f, gs))]
 
-    perm = torch.argsort(torch.diag(H), descending=True) if desc_act else None
+    perm = torch.argsort(torch.diag(H), descending=True) if q.desc_act else None
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
     Hinv, damp = hessian_inverse_factor(H, damp_percent)

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from service.errors import NotImplementedFeature
+from core.errors import NotImplementedFeature
 
 from .gptq import HessianAccumulator
 

@@ -2,11 +2,12 @@
 import torch
 
 from .grid import QuantizedWeight, grid_params, group_count, group_index, quantize_codes
+from .scheme import Scheme
 
 
-def quantize_weight(W: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bool = True,
-                    scale_dtype: torch.dtype = torch.float16) -> QuantizedWeight:
-    """Quantize W [out, in] group by group, no data needed."""
+def quantize_weight(W: torch.Tensor, q: Scheme = Scheme()) -> QuantizedWeight:
+    """Quantize W [out, in] group by group onto `q`, no data needed."""
+    bits, group_size, sym, scale_dtype = q.bits, q.group_size, q.sym, q.scale_torch_dtype
     W = W.float()
     out_f, in_f = W.shape
     maxq = 2 ** bits - 1

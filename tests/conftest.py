@@ -3,13 +3,14 @@ import os
 import pathlib
 
 import pytest
+from quantizers.scheme import Scheme
 
 
 def require_shared_data(relpath: str) -> pathlib.Path:
     """The shared data file `relpath`: skip with the reason when it is absent, but fail instead when
     QUANTFARM_REQUIRE_SHARED_DATA=1 (CI sets it, so missing data cannot silently skip real-data tests)."""
     from calibration import shared_file  # lazy: a broken calibration package must not break collection
-    from service.errors import CalibrationError
+    from core.errors import CalibrationError
 
     try:
         path = shared_file(relpath)
@@ -48,8 +49,8 @@ def smol():
 
     from calibration import build_calibration, eval_tokens
     from evaluation.text_metrics import perplexity
-    from service.pipeline import round_to_storage
-    from service.sources import load_model, resolve_model
+    from service.job.pipeline import round_to_storage
+    from service.job.models import load_model, resolve_model
 
     require_shared_data("c4/c4_en_train_first1000.jsonl")
     require_shared_data("wikitext2/wiki.valid.tokens")
@@ -63,15 +64,14 @@ def smol():
 
 def smol_recipes():
     """name -> (QuantConfig, format): the SmolLM2 artifacts tests may ask for."""
-    from quantizers.driver import QuantConfig
-    static = dict(desc_act=True, static_groups=True)
+    from quantizers.config import QuantConfig
     return {
-        "gptq-g64": (QuantConfig(group_size=64, **static), "gptq"),
-        "gptq-g128": (QuantConfig(group_size=128, **static), "gptq"),        # 576-wide inputs: a ragged group
-        "awq-g64": (QuantConfig(algorithm="awq", group_size=64, sym=False), "awq"),
-        "rtn-g64": (QuantConfig(algorithm="rtn", group_size=64), None),
-        "rtn-g64-asym": (QuantConfig(algorithm="rtn", group_size=64, sym=False), None),
-        "rtn-g128": (QuantConfig(algorithm="rtn", group_size=128), None),
+        "gptq-g64": (QuantConfig(scheme=Scheme(group_size=64, act_order="static")), "gptq"),
+        "gptq-g128": (QuantConfig(scheme=Scheme(group_size=128, act_order="static")), "gptq"),   # 576-wide inputs: ragged
+        "awq-g64": (QuantConfig(scheme=Scheme(group_size=64, sym=False), algorithm="awq"), "awq"),
+        "rtn-g64": (QuantConfig(scheme=Scheme(group_size=64), algorithm="rtn"), None),
+        "rtn-g64-asym": (QuantConfig(scheme=Scheme(group_size=64, sym=False), algorithm="rtn"), None),
+        "rtn-g128": (QuantConfig(scheme=Scheme(group_size=128), algorithm="rtn"), None),
     }
 
 
@@ -85,8 +85,8 @@ def smol_quantized(smol, tmp_path_factory):
 
     from evaluation.text_metrics import perplexity
     from quantizers.artifact import load_artifact
-    from quantizers.driver import quantize_model
-    from service.pipeline import save, with_scale_dtype
+    from quantizers.walk import quantize_model
+    from quantizers.artifact import save, with_scale_dtype
 
     built, root = {}, tmp_path_factory.mktemp("smol-artifacts")
 

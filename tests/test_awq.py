@@ -5,11 +5,14 @@ import pytest
 import torch
 
 from quantizers import awq
-from quantizers.driver import (QuantConfig, _fold, _linears, capture_layer_inputs, decoder_layers, input_groups,
-                               quantize_model, smoothing_plan)
+from quantizers.awq_layer import _fold, smoothing_plan
+from quantizers.config import QuantConfig
+from quantizers.layers import capture_layer_inputs, decoder_layers, input_groups, layer_linears
+from quantizers.walk import quantize_model
+from quantizers.scheme import Scheme
 from tiny import ARCHS, calib, tiny_config, tiny_model
 
-AWQ = dict(algorithm="awq", bits=4, group_size=16, sym=False)
+AWQ = dict(algorithm="awq", scheme=Scheme(bits=4, group_size=16, sym=False))
 
 
 def logits(model, tokens):
@@ -34,13 +37,13 @@ def test_zero_point_grid_matches_formats_md():
     """scale = (max - min) / 15, z = clamp(-round(min / scale), 0, 15), on the group's own min and max
     (no forced zero: an all-positive group keeps its range)."""
     w = torch.tensor([[0.5, 1.0, 2.0, 4.0]])
-    qw = awq.quantize_weight(w, 4, 4)
+    qw = awq.quantize_weight(w, Scheme(bits=4, group_size=4))
     scale = (4.0 - 0.5) / 15
     assert qw.scales.item() == torch.tensor(scale).half().float().item()
     assert qw.zeros.item() == 0 and not qw.sym           # -round(0.5 / 0.233) = -2 -> clamped to 0
     assert qw.codes.tolist() == [[2, 4, 9, 15]]          # round(w / scale) + 0, clamped to 15
     w2 = torch.tensor([[-1.0, 0.0, 0.5, 2.0]])
-    qw2 = awq.quantize_weight(w2, 4, 4)
+    qw2 = awq.quantize_weight(w2, Scheme(bits=4, group_size=4))
     s2 = torch.tensor(3.0 / 15).half().float()
     assert qw2.zeros.item() == round(1.0 / s2.item())
     assert torch.allclose(qw2.dequantize(), w2, atol=s2.item() / 2 + 1e-6)
@@ -64,7 +67,7 @@ def test_scale_search_never_loses_to_plain_rounding_and_prefers_salient_channels
 
     def loss(cands):
         return ((X @ cands[0].t()) - ref).pow(2).mean().item()
-    found = awq.search_scale(X.abs().mean(0), [W], 4, 16, loss)
+    found = awq.search_scale(X.abs().mean(0), [W], Scheme(bits=4, group_size=16), loss)
     assert found.loss <= found.identity_loss
     assert found.loss < 0.8 * found.identity_loss         # scaling the salient channels up helps a lot here
     assert found.scale[:4].mean() > found.scale[4:].mean()
@@ -76,7 +79,7 @@ def test_clip_search_lowers_the_group_output_error():
     W = torch.randn(48, 64)
     W[::7, 3] = 8.0                                       # outliers that stretch their groups' ranges
     H = 2 * X.t() @ X / X.shape[0]
-    Wc = awq.search_clip(W, H, 4, 16)
+    Wc = awq.search_clip(W, H, Scheme(bits=4, group_size=16))
 
     def err(w):
         E = awq.fake_quantize(w, 4, 16) - W
@@ -130,8 +133,8 @@ def test_folding_keeps_the_float_model(arch):
     assert len(plan) == (4 if arch.endswith("-mha") else 3)
     g = torch.Generator().manual_seed(3)
     for sm in plan:
-        n = _linears(layer)[sm.group[0]].in_features
-        _fold(layer, sm, torch.rand(n, generator=g) * 3 + 0.2, _linears(layer))
+        n = layer_linears(layer)[sm.group[0]].in_features
+        _fold(layer, sm, torch.rand(n, generator=g) * 3 + 0.2, layer_linears(layer))
     assert rel(logits(model, tokens), before) < 1e-5
 
 
@@ -172,9 +175,9 @@ def test_awq_resume_is_identical(tmp_path):
         if rep.index == 0:
             raise Stop
     with pytest.raises(Stop):
-        quantize_model(tiny_model("gemma", layers=3), tokens, cfg, checkpoint_dir=tmp_path, on_layer=stop_after_first)
+        quantize_model(tiny_model("gemma", layers=3), tokens, cfg, state_dir=tmp_path, on_layer=stop_after_first)
     resumed = tiny_model("gemma", layers=3)
-    q_res, _ = quantize_model(resumed, tokens, cfg, checkpoint_dir=tmp_path)
+    q_res, _ = quantize_model(resumed, tokens, cfg, state_dir=tmp_path)
     assert q_res.keys() == q_full.keys()
     for n in q_full:
         assert torch.equal(q_full[n].codes, q_res[n].codes) and torch.equal(q_full[n].scales, q_res[n].scales)
@@ -184,11 +187,11 @@ def test_awq_resume_is_identical(tmp_path):
 
 def test_awq_refuses_ragged_groups():
     with pytest.raises(ValueError, match="multiple of the group size"):
-        awq.quantize_weight(torch.randn(8, 40), 4, 16)
+        awq.quantize_weight(torch.randn(8, 40), Scheme(bits=4, group_size=16))
 
 
 def test_search_dtype_default():
-    from quantizers.driver import search_dtype
+    from quantizers.awq_layer import search_dtype
     assert search_dtype("float32", torch.device("cpu")) is torch.float32
     assert search_dtype("auto", torch.device("cpu")) in (torch.float32, torch.bfloat16)
 

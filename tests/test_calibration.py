@@ -13,7 +13,7 @@ import torch
 from conftest import require_shared_data
 
 from calibration import CalibrationSet, build_calibration, content_hash, data_dir, eval_tokens, shared_file
-from service.errors import CalibrationError
+from core.errors import CalibrationError
 
 C4 = "c4/c4_en_train_first1000.jsonl"
 WIKI = "wikitext2/wiki.valid.tokens"
@@ -206,7 +206,7 @@ def test_hf_unreachable_fails_fast_with_clear_error():
     env.update(HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HUB_ETAG_TIMEOUT="3", HF_HUB_DOWNLOAD_TIMEOUT="3")
     code = textwrap.dedent("""
         from calibration import build_calibration
-        from service.errors import CalibrationError
+        from core.errors import CalibrationError
         try:
             build_calibration("hf:allenai/c4:en:train", None, n_samples=1, seq_len=8)
         except CalibrationError as e:

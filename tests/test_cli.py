@@ -79,8 +79,8 @@ def test_unwritable_output_is_refused_before_any_work(tmp_path):
 
 
 def test_too_little_space_names_the_numbers(tmp_path):
-    from service.errors import StorageError
-    from service.storage import check_space
+    from core.errors import StorageError
+    from service.job.storage import check_space
     check_space(tmp_path / "a", 1)
     with pytest.raises(StorageError, match=r"not enough space for .*: about \d+ MiB needed, \d+ MiB free"):
         check_space(tmp_path / "a", 2 ** 62)

@@ -30,9 +30,12 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from quantizers import gptq, gptq_format, rtn
+from quantizers import gptq, rtn
+from quantizers.formats.gptq import GPTQ
 from quantizers.artifact import load_artifact, write_artifact
-from quantizers.driver import QuantConfig, quantize_model
+from quantizers.config import QuantConfig
+from quantizers.walk import quantize_model
+from quantizers.scheme import ActOrder, Scheme
 
 import tiny
 
@@ -95,14 +98,11 @@ def artifact(request, tmp_path_factory):
     case = CASES[request.param]
     model = _build_model(case)
     tokens = tiny.calib(8, 64, VOCAB, seed=0)
-    cfg = QuantConfig(algorithm="gptq", bits=case.bits, group_size=case.group_size, sym=case.sym,
-                      desc_act=case.desc_act)
+    cfg = QuantConfig(scheme=Scheme(bits=case.bits, group_size=case.group_size, sym=case.sym, act_order=ActOrder.of(case.desc_act, False)), algorithm="gptq")
     quantized, _ = quantize_model(model, tokens, cfg, "cpu")
-    qc = gptq_format.quantization_config(case.bits, case.group_size, case.sym, case.desc_act, False, True,
-                                         cfg.damp_percent, {"quantizer": "quantfarm:test"})
+    qc, side = GPTQ().config(cfg.scheme, {"damp_percent": cfg.damp_percent}, {"quantizer": "quantfarm:test"})
     out = tmp_path_factory.mktemp(request.param) / "artifact"
-    write_artifact(out, model, None, quantized, fmt=qc["checkpoint_format"], quant_config=qc,
-                   side_files={"quantize_config.json": qc})
+    write_artifact(out, model, None, quantized, GPTQ(), quant_config=qc, side_files=side)
     return case, out, quantized
 
 
@@ -246,9 +246,9 @@ def _sym_weight(out_f: int, in_f: int, bits: int, group_size: int, desc_act: boo
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(out_f, in_f, generator=g) * 0.02
     if not desc_act:
-        return rtn.quantize_weight(W, bits, group_size, True)
+        return rtn.quantize_weight(W, Scheme(bits=bits, group_size=group_size, sym=True))
     X = torch.randn(4 * in_f, in_f, generator=g) * torch.rand(in_f, generator=g)
-    qw, _ = gptq.quantize_weight(W, 2 * X.t() @ X / X.shape[0], bits, group_size, True, desc_act=True)
+    qw, _ = gptq.quantize_weight(W, 2 * X.t() @ X / X.shape[0], Scheme(bits=bits, group_size=group_size, sym=True, act_order="dynamic"))
     return qw
 
 
@@ -260,7 +260,7 @@ SHAPES = [(192, 576, 128, False), (192, 576, 128, True), (64, 256, 32, False)]  
 def test_compressed_tensors_reads_our_packed_integers(bits, out_f, in_f, gs, act):
     ct = _ct()
     qw = _sym_weight(out_f, in_f, bits, gs, act)
-    t = gptq_format.to_tensors(qw, "gptq")
+    t = GPTQ().pack(qw, "gptq")
     offset = 2 ** (bits - 1)                     # = the symmetric zero point (maxq + 1) / 2
     signed = (qw.codes.to(torch.int16) - offset).to(torch.int8)
     weight_packed = t["qweight"].t().contiguous()
@@ -279,7 +279,7 @@ def test_compressed_tensors_decompresses_to_our_weights(bits):
 
     out_f, in_f, gs = 192, 512, 128
     qw = _sym_weight(out_f, in_f, bits, gs, False)
-    t = gptq_format.to_tensors(qw, "gptq")
+    t = GPTQ().pack(qw, "gptq")
     scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
         num_bits=bits, type="int", symmetric=True, strategy="group", group_size=gs))
     sd = {"weight_packed": t["qweight"].t().contiguous(), "weight_scale": t["scales"].t().contiguous(),
@@ -296,7 +296,7 @@ def test_compressed_tensors_group_strategy_needs_whole_groups():
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
     qw = _sym_weight(192, 576, 4, 128, False)
-    t = gptq_format.to_tensors(qw, "gptq")
+    t = GPTQ().pack(qw, "gptq")
     scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
         num_bits=4, type="int", symmetric=True, strategy="group", group_size=128))
     sd = {"weight_packed": t["qweight"].t().contiguous(), "weight_scale": t["scales"].t().contiguous(),
@@ -312,9 +312,9 @@ def test_awq_artifact_through_transformers_and_gptqmodel(tmp_path, arch):
     _require_gptqmodel()
     from transformers import AutoModelForCausalLM
 
-    from service.pipeline import save
+    from quantizers.artifact import save
     model = tiny.tiny_model(arch)
-    cfg = QuantConfig(algorithm="awq", bits=4, group_size=32, sym=False)   # its CPU kernel takes 32/64/128/256
+    cfg = QuantConfig(scheme=Scheme(bits=4, group_size=32, sym=False), algorithm="awq")   # its CPU kernel takes 32/64/128/256
     q, _ = quantize_model(model, tiny.calib(), cfg, "cpu")
     out = save(tmp_path / "awq", model, None, q, cfg, "awq", {"quantizer": ["quantfarm:test"]})
     ours, _, _ = load_artifact(out, with_tokenizer=False)

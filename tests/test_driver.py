@@ -8,11 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from quantizers import gptq, gptq_format, rtn
+from quantizers import formats, gptq, rtn
 from quantizers.artifact import DequantLinear, load_artifact, write_artifact
-from quantizers.driver import (Cancelled, QuantConfig, capture_layer_inputs, decoder_layers, input_groups,
-                               quantize_model)
-from service.errors import QuantizationError, SpecError
+from quantizers.config import QuantConfig
+from quantizers.layers import capture_layer_inputs, decoder_layers, input_groups
+from quantizers.walk import Cancelled, quantize_model
+from quantizers.formats.gptq import GPTQ
+from quantizers.scheme import Scheme
+from core.errors import QuantizationError, SpecError
 from tiny import ARCHS, calib, tiny_model
 
 # Logits of the 4-bit g32 model against the float model, ||q - f|| / ||f|| on the calibration tokens.
@@ -24,7 +27,7 @@ from tiny import ARCHS, calib, tiny_model
 # transposed or mis-split q/k/v gives errors of order 1).
 LOGIT_REL_BOUND = 0.15
 
-FOUR_BIT = dict(bits=4, group_size=32)
+FOUR_BIT = Scheme(bits=4, group_size=32)
 
 
 def logits(model, tokens):
@@ -46,8 +49,8 @@ def decoder_linear_names(model) -> set[str]:
 
 
 def quant_config_dict(cfg: QuantConfig) -> dict:
-    return gptq_format.quantization_config(cfg.bits, cfg.group_size, cfg.sym, cfg.desc_act, cfg.static_groups,
-                                           cfg.true_sequential, cfg.damp_percent, meta={"test": True})
+    algorithm = {"true_sequential": cfg.true_sequential, "damp_percent": cfg.damp_percent}
+    return formats.get("gptq").config(cfg.scheme, algorithm, meta={"test": True})[0]
 
 
 def rounded_to_fp16(model, quantized) -> nn.Module:
@@ -100,7 +103,7 @@ def quantized_tiny(arch: str, true_sequential: bool):
     key = (arch, true_sequential)
     if key not in _CACHE:
         model = tiny_model(arch)
-        results, reports = quantize_model(model, calib(), QuantConfig(**FOUR_BIT, true_sequential=true_sequential))
+        results, reports = quantize_model(model, calib(), QuantConfig(scheme=FOUR_BIT, true_sequential=true_sequential))
         _CACHE[key] = (tiny_model(arch), model, results, reports)
     return _CACHE[key]
 
@@ -146,9 +149,8 @@ def test_architecture_quantizes_every_decoder_linear(arch, true_sequential):
 def test_artifact_round_trip(arch, true_sequential, tmp_path):
     """The artifact (sym -> GPTQ v1) reads back to the same integers and the same logits."""
     _, model, quantized, _ = quantized_tiny(arch, true_sequential)
-    cfg = QuantConfig(**FOUR_BIT, true_sequential=true_sequential)
-    assert gptq_format.checkpoint_format(cfg.sym) == "gptq"
-    out = write_artifact(tmp_path / "artifact", model, None, quantized, "gptq", quant_config_dict(cfg))
+    cfg = QuantConfig(scheme=FOUR_BIT, true_sequential=true_sequential)
+    out = write_artifact(tmp_path / "artifact", model, None, quantized, formats.get("gptq"), quant_config_dict(cfg))
     loaded, tok, qc = load_artifact(out, dtype=torch.float32, with_tokenizer=False)
     assert tok is None and qc["checkpoint_format"] == "gptq" and qc["bits"] == 4
     for name, qw in quantized.items():
@@ -196,8 +198,8 @@ def test_input_groups_share_inputs(arch):
 # 3. Determinism
 
 
-@pytest.mark.parametrize("cfg", [QuantConfig(**FOUR_BIT),
-                                 QuantConfig(**FOUR_BIT, sym=False, desc_act=True, true_sequential=False)],
+@pytest.mark.parametrize("cfg", [QuantConfig(scheme=FOUR_BIT),
+                                 QuantConfig(scheme=FOUR_BIT.replace(sym=False, act_order="dynamic"), true_sequential=False)],
                          ids=["sym", "asym-desc_act"])
 def test_deterministic(cfg):
     tokens = calib()
@@ -205,18 +207,18 @@ def test_deterministic(cfg):
     b, rb = quantize_model(tiny_model("qwen2"), tokens, cfg)
     assert_same_results(a, b)
     assert [r.modules for r in ra] == [r.modules for r in rb]
-    if cfg.desc_act:   # the permuted order really was exercised
+    if cfg.scheme.desc_act:   # the permuted order really was exercised
         assert any(not torch.equal(qw.g_idx, qw.g_idx.sort().values) for qw in a.values())
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. Cancel and resume from the layer checkpoint
+# 4. Cancel and resume from the per-layer state
 
 
 @pytest.mark.parametrize("arch", ["phi3", "llama"])
 def test_cancel_then_resume_matches_uninterrupted_run(arch, tmp_path):
     tokens = calib()
-    cfg = QuantConfig(**FOUR_BIT, batch_size=4)     # two calibration batches: two stored input tensors
+    cfg = QuantConfig(scheme=FOUR_BIT, batch_size=4)     # two calibration batches: two stored input tensors
     ref_model = tiny_model(arch, layers=4)
     ref, _ = quantize_model(ref_model, tokens, cfg)
 
@@ -229,7 +231,7 @@ def test_cancel_then_resume_matches_uninterrupted_run(arch, tmp_path):
 
     done = []
     with pytest.raises(Cancelled, match="before layer 1"):
-        quantize_model(tiny_model(arch, layers=4), tokens, cfg, checkpoint_dir=ckpt,
+        quantize_model(tiny_model(arch, layers=4), tokens, cfg, state_dir=ckpt,
                        should_stop=stop_after_layer_0, on_layer=lambda r, n: done.append(r.index))
     assert len(calls) == 2 and done == [0]
     assert json.loads((ckpt / "manifest.json").read_text())["layers_done"] == 1
@@ -237,7 +239,7 @@ def test_cancel_then_resume_matches_uninterrupted_run(arch, tmp_path):
 
     fresh = tiny_model(arch, layers=4)
     resumed_layers = []
-    res, reports = quantize_model(fresh, tokens, cfg, checkpoint_dir=ckpt,
+    res, reports = quantize_model(fresh, tokens, cfg, state_dir=ckpt,
                                   on_layer=lambda r, n: resumed_layers.append((r.index, n)))
     assert resumed_layers == [(1, 4), (2, 4), (3, 4)]      # layer 0 came from the checkpoint
     assert [r.index for r in reports] == [0, 1, 2, 3]
@@ -246,11 +248,11 @@ def test_cancel_then_resume_matches_uninterrupted_run(arch, tmp_path):
         assert torch.equal(p, q), n
     assert json.loads((ckpt / "manifest.json").read_text())["layers_done"] == 4
 
-    # A checkpoint of another recipe (3-bit) is not reused: the run starts over at layer 0.
-    cfg3 = QuantConfig(**{**FOUR_BIT, "bits": 3}, batch_size=4)
+    # Resume state of another recipe (3-bit) is not reused: the run starts over at layer 0.
+    cfg3 = QuantConfig(scheme=FOUR_BIT.replace(bits=3), batch_size=4)
     ref3, _ = quantize_model(tiny_model(arch, layers=4), tokens, cfg3)
     seen = []
-    res3, _ = quantize_model(tiny_model(arch, layers=4), tokens, cfg3, checkpoint_dir=ckpt,
+    res3, _ = quantize_model(tiny_model(arch, layers=4), tokens, cfg3, state_dir=ckpt,
                              on_layer=lambda r, n: seen.append(r.index))
     assert seen == [0, 1, 2, 3]
     assert_same_results(res3, ref3)
@@ -263,12 +265,12 @@ def test_resume_with_another_batch_size_uses_every_sample(tmp_path, monkeypatch)
     tokens = calib()
     ckpt = tmp_path / "ckpt"
     with pytest.raises(Cancelled):
-        quantize_model(tiny_model("phi3"), tokens, QuantConfig(**FOUR_BIT, batch_size=4), checkpoint_dir=ckpt,
+        quantize_model(tiny_model("phi3"), tokens, QuantConfig(scheme=FOUR_BIT, batch_size=4), state_dir=ckpt,
                        should_stop=iter([False, True]).__next__)
     rows = []
     result = gptq.HessianAccumulator.result
     monkeypatch.setattr(gptq.HessianAccumulator, "result", lambda self: (rows.append(self.n), result(self))[1])
-    quantize_model(tiny_model("phi3"), tokens, QuantConfig(**FOUR_BIT, batch_size=8), checkpoint_dir=ckpt)
+    quantize_model(tiny_model("phi3"), tokens, QuantConfig(scheme=FOUR_BIT, batch_size=8), state_dir=ckpt)
     assert len(rows) == 4                                          # layer 1's four Hessians
     assert rows == [tokens.numel()] * 4, f"Hessians saw {rows} rows of {tokens.numel()}"
 
@@ -281,17 +283,17 @@ def test_resume_with_another_batch_size_uses_every_sample(tmp_path, monkeypatch)
 def test_rtn_needs_no_tokens_and_matches_the_core(arch):
     float_model = tiny_model(arch)
     model = tiny_model(arch)
-    cfg = QuantConfig(algorithm="rtn", **FOUR_BIT)
+    cfg = QuantConfig(algorithm="rtn", scheme=FOUR_BIT)
     quantized, reports = quantize_model(model, None, cfg)
     assert set(quantized) == decoder_linear_names(model)
     for name, qw in quantized.items():
-        expect = rtn.quantize_weight(float_model.get_submodule(name).weight, 4, 32, True)
+        expect = rtn.quantize_weight(float_model.get_submodule(name).weight, Scheme(bits=4, group_size=32, sym=True))
         assert_same_qw(qw, expect, name)
         assert torch.equal(model.get_submodule(name).weight, expect.dequantize())
     assert [r.index for r in reports] == [0, 1]
 
     with pytest.raises(QuantizationError, match="calibration tokens"):
-        quantize_model(tiny_model(arch), None, QuantConfig(**FOUR_BIT))
+        quantize_model(tiny_model(arch), None, QuantConfig(scheme=FOUR_BIT))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,21 +308,22 @@ def test_asymmetric_writes_gptq_v2_and_reads_back_exactly(tmp_path):
     with torch.no_grad():
         w = model.model.layers[0].self_attn.o_proj.weight
         w.copy_(0.01 + w.abs())
-    cfg = QuantConfig(**FOUR_BIT, sym=False)
+    cfg = QuantConfig(scheme=FOUR_BIT.replace(sym=False))
     quantized, _ = quantize_model(model, tokens, cfg)
     zeros = torch.cat([qw.zeros.flatten() for qw in quantized.values()])
     assert (zeros == 0).any(), "the test needs zeros of 0"
     assert (zeros != 8).any()            # really asymmetric, not the symmetric midpoint
 
-    fmt = gptq_format.checkpoint_format(cfg.sym)
-    assert fmt == "gptq_v2"
+    class V1Only(GPTQ):                  # a writer that insists on v1: refused, and nothing half-written
+        def to_tensors(self, qw, storage):
+            return self.pack(qw, "gptq")
     with pytest.raises(SpecError, match="gptq_v2"):
-        write_artifact(tmp_path / "v1", model, None, quantized, "gptq", quant_config_dict(cfg))
-    assert not (tmp_path / "v1").exists() and not list(tmp_path.glob(".v1*"))   # nothing half-written
+        write_artifact(tmp_path / "v1", model, None, quantized, V1Only(), quant_config_dict(cfg))
+    assert not (tmp_path / "v1").exists() and not list(tmp_path.glob(".v1*"))
 
     qc = quant_config_dict(cfg)
     assert qc["checkpoint_format"] == "gptq_v2" and qc["sym"] is False
-    out = write_artifact(tmp_path / "v2", model, None, quantized, fmt, qc)
+    out = write_artifact(tmp_path / "v2", model, None, quantized, formats.get("gptq"), qc)
     loaded, _, qc_back = load_artifact(out, dtype=torch.float32, with_tokenizer=False)
     assert qc_back["checkpoint_format"] == "gptq_v2"
     for name, qw in quantized.items():

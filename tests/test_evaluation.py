@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from evaluation import text_metrics
-from evaluation.suite import BaselineCache, Evaluation, Plan, parts
-from service.errors import EvaluationError
-from service.pipeline import quality_failure
+from evaluation.suite import BaselineCache, Evaluation, EvaluationPlan, parts
+from core.errors import EvaluationError
+from service.job.pipeline import quality_failure
 from tests.tiny import VOCAB, tiny_model
 
 
@@ -63,7 +63,7 @@ def test_strided_windows_score_each_token_once():
 
 
 def plan(ev, x):
-    return Plan(ev, "tiny-llama", "rev1", torch.float32, torch.device("cpu"), text_tokens=lambda: (x, "random tokens"))
+    return EvaluationPlan(ev, "tiny-llama", "rev1", torch.float32, torch.device("cpu"), text_tokens=lambda: (x, "random tokens"))
 
 
 def test_baseline_is_cached_per_part_and_reused(tmp_path):

@@ -7,13 +7,16 @@ import pytest
 import torch
 
 import tiny
-from quantizers import awq, awq_format, ct_format, gptq_format
-from quantizers.artifact import load_artifact, read_tensors
-from quantizers.driver import QuantConfig, quantize_model
+from core.errors import SpecError
+from quantizers.artifact import load_artifact, read_tensors, save
+from quantizers.config import QuantConfig
+from quantizers.formats.awq import AWQ
+from quantizers.formats.compressed_tensors import CompressedTensors
+from quantizers.formats.gptq import GPTQ
 from quantizers.grid import QuantizedWeight, group_index
-from service import preflight
-from service.errors import SpecError
-from service.pipeline import save
+from quantizers.scheme import Scheme
+from quantizers.walk import quantize_model
+from service.job import preflight
 
 GS = 16
 
@@ -42,12 +45,12 @@ def unpack_awq_by_hand(packed: torch.Tensor) -> torch.Tensor:
 
 def test_awq_layout_bit_exact_against_hand_unpacker():
     qw = random_qw()
-    t = awq_format.to_tensors(qw)
+    t = AWQ().to_tensors(qw, torch.float16)
     assert t["qweight"].dtype == torch.int32 and t["qweight"].shape == (64, 3)
     assert t["qzeros"].shape == (4, 3) and t["scales"].shape == (4, 24) and t["scales"].dtype == torch.float16
     assert torch.equal(unpack_awq_by_hand(t["qweight"]), qw.codes.t().to(torch.int64))
     assert torch.equal(unpack_awq_by_hand(t["qzeros"]), qw.zeros.to(torch.int64))    # true zeros, no -1
-    back = awq_format.from_tensors(t, GS)
+    back = AWQ().unpack(t, GS)
     for k in ("codes", "scales", "zeros", "g_idx"):
         assert torch.equal(getattr(back, k), getattr(qw, k)), k
     # W[k, n] = (q - z) * s, from the hand-unpacked integers
@@ -60,26 +63,26 @@ def test_awq_layout_bit_exact_against_hand_unpacker():
 def test_awq_interleave_of_a_known_word():
     codes = torch.arange(8, dtype=torch.uint8)[:, None].repeat(1, GS)   # output channel n holds value n
     qw = QuantizedWeight(codes, torch.ones(1, 8), torch.zeros(1, 8, dtype=torch.int32), group_index(GS, GS), 4, GS, False)
-    word = awq_format.to_tensors(qw)["qweight"][0, 0].item() & 0xFFFFFFFF
+    word = AWQ().to_tensors(qw, torch.float16)["qweight"][0, 0].item() & 0xFFFFFFFF
     assert word == 0x75316420                                         # nibbles 0,2,4,6,1,3,5,7 from the bottom
 
 
 def test_awq_format_refusals():
     with pytest.raises(SpecError, match="4-bit"):
-        awq_format.check_writable(8, 64, 128, 64)
+        AWQ().check(Scheme(8, 64), 128, 64)
     with pytest.raises(SpecError, match="in_features % group_size"):
-        awq_format.check_writable(4, 128, 576, 64)
+        AWQ().check(Scheme(4, 128), 576, 64)
     shuffled = random_qw()
     shuffled.g_idx = shuffled.g_idx.flip(0)
     with pytest.raises(SpecError, match="act-order"):
-        awq_format.to_tensors(shuffled)
+        AWQ().to_tensors(shuffled, torch.float16)
 
 
 def test_ct_golden_identity_with_gptq_sym():
     """For symmetric 4-bit: weight_packed == qweight.T and weight_scale == scales.T (FORMATS.md §3)."""
     qw = random_qw(sym=True)
-    ct = ct_format.to_tensors(qw, torch.float16)
-    gp = gptq_format.to_tensors(qw, "gptq")
+    ct = CompressedTensors().to_tensors(qw, torch.float16)
+    gp = GPTQ().pack(qw, "gptq")
     assert torch.equal(ct["weight_packed"], gp["qweight"].t())
     assert torch.equal(ct["weight_scale"], gp["scales"].t())
     assert ct["weight_shape"].tolist() == [24, 64] and "weight_zero_point" not in ct
@@ -93,21 +96,21 @@ def test_ct_layout_matches_compressed_tensors_own_packer(bits, sym):
     qw = QuantizedWeight((qw.codes.int() * (2 ** bits - 1) // 15).to(torch.uint8), qw.scales,
                          qw.zeros * (2 ** bits - 1) // 15 if not sym else torch.full_like(qw.zeros, 2 ** (bits - 1)),
                          qw.g_idx, bits, GS, sym)
-    t = ct_format.to_tensors(qw, torch.float16)
+    t = CompressedTensors().to_tensors(qw, torch.float16)
     signed = (qw.codes.to(torch.int32) - 2 ** (bits - 1)).to(torch.int8)
     assert torch.equal(t["weight_packed"], helpers.pack_to_int32(signed, bits))
     if not sym:
         zp = (qw.zeros.t().to(torch.int32) - 2 ** (bits - 1)).to(torch.int8)
         assert torch.equal(t["weight_zero_point"], helpers.pack_to_int32(zp, bits, packed_dim=0))
-    back = ct_format.from_tensors(t, bits, GS, sym)
+    back = CompressedTensors().unpack(t, bits, GS, sym)
     assert torch.equal(back.dequantize(), qw.dequantize())
 
 
 def _artifact(tmp_path, algorithm, fmt, arch="llama", bits=4):
     model = tiny.tiny_model(arch)
     sym = algorithm != "awq"
-    cfg = QuantConfig(algorithm=algorithm, bits=bits, group_size=GS, sym=sym, desc_act=algorithm == "gptq",
-                      static_groups=algorithm == "gptq")
+    act = "static" if algorithm == "gptq" else "none"
+    cfg = QuantConfig(scheme=Scheme(bits=bits, group_size=GS, sym=sym, act_order=act), algorithm=algorithm)
     q, _ = quantize_model(model, tiny.calib() if algorithm != "rtn" else None, cfg)
     out = save(tmp_path / f"{algorithm}-{fmt}-{arch}", model, None, q, cfg, fmt,
                {"quantizer": ["quantfarm:test"], "algorithm": algorithm})
@@ -129,9 +132,9 @@ def test_ct_artifact_through_transformers_equals_our_reader(tmp_path, algorithm)
     pytest.importorskip("compressed_tensors")
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
-    from service import inspect
+    from service.job import inspection
     out, q = _artifact(tmp_path, algorithm, "compressed-tensors")
-    verdict = {v["runtime"]: v for v in inspect.describe(out)["compatibility"]}["transformers"]
+    verdict = {v["runtime"]: v for v in inspection.describe(out)["compatibility"]}["transformers"]
     decompressed = "run_compressed=False" in verdict["path"]
     assert verdict["ok"] and decompressed == (algorithm == "awq"), verdict          # awq: asymmetric
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
@@ -187,14 +190,14 @@ def test_other_algorithms_as_awq_format(tmp_path, algorithm):
     """Zero-point results of any algorithm are writable as AWQ when the groups are natural (GPTQ with
     static act-order keeps g_idx monotonic)."""
     model = tiny.tiny_model("llama")
-    cfg = QuantConfig(algorithm=algorithm, bits=4, group_size=GS, sym=False, desc_act=algorithm == "gptq",
-                      static_groups=True)
+    cfg = QuantConfig(scheme=Scheme(bits=4, group_size=GS, sym=False, act_order="static" if algorithm == "gptq" else "none"),
+                      algorithm=algorithm)
     q, _ = quantize_model(model, tiny.calib() if algorithm == "gptq" else None, cfg)
     out = save(tmp_path / "a", model, None, q, cfg, "awq", {"algorithm": algorithm})
     loaded, _, _ = load_artifact(out, with_tokenizer=False)
     for name, qw in q.items():
         assert torch.equal(loaded.get_submodule(name).weight, qw.dequantize())
-    dynamic = QuantConfig(algorithm="gptq", bits=4, group_size=GS, sym=False, desc_act=True, static_groups=False)
+    dynamic = QuantConfig(scheme=Scheme(bits=4, group_size=GS, sym=False, act_order="dynamic"), algorithm="gptq")
     q2, _ = quantize_model(tiny.tiny_model("llama"), tiny.calib(), dynamic)
     with pytest.raises(SpecError, match="act-order"):
         save(tmp_path / "b", model, None, q2, dynamic, "awq", {})
@@ -209,7 +212,7 @@ WIDE = {(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)}
 def verdicts(fmt, algorithm, bits, gs, sym, shapes, act="none"):
     """({"vllm" | "vllm-cpu" | "transformers": Verdict}, problems). What vLLM itself does with each of these
     verdicts is checked in tests/test_vllm.py; here, what preflight derives for real model shapes."""
-    s = preflight.Settings(fmt, algorithm, bits, gs, sym, act)
+    s = preflight.Target(fmt, algorithm, Scheme(bits, gs, sym, act))
     return {v.runtime: v for v in preflight.runtimes(s, shapes)}, preflight.problems(s, shapes)
 
 
@@ -229,7 +232,7 @@ def test_preflight_smollm2_shapes():
     v, p = verdicts("awq", "awq", 4, 64, False, SMOL)
     assert not p and v["vllm"].kernel == "MarlinLinearKernel"      # vLLM pads Marlin's tiles (192, 576)
     with pytest.raises(SpecError, match="group_size"):
-        preflight.refuse_unwritable(preflight.report(preflight.Settings("awq", "awq", 4, 128, False), SMOL))
+        preflight.refuse_unwritable(preflight.report(preflight.Target("awq", "awq", Scheme(4, 128, False)), SMOL))
 
 
 def test_preflight_wide_shapes():
@@ -263,9 +266,9 @@ def test_preflight_on_a_4096_wide_model_config():
         model = tf.AutoModelForCausalLM.from_config(cfg)
     shapes = preflight.model_shapes(model)
     assert shapes == {(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)}
-    report = preflight.report(preflight.Settings("awq", "awq", 4, 128, False), shapes)
+    report = preflight.report(preflight.Target("awq", "awq", Scheme(4, 128, False)), shapes)
     assert report["writable"] and report["runtimes"][0]["kernel"] == "MarlinLinearKernel"
-    report = preflight.report(preflight.Settings("compressed-tensors", "gptq", 4, 256, True, "static"), shapes)
+    report = preflight.report(preflight.Target("compressed-tensors", "gptq", Scheme(4, 256, True, "static")), shapes)
     gpu = report["runtimes"][0]
     assert report["writable"] and gpu["ok"] and not gpu["kernel"]          # 256 is no Marlin group size: a fallback
     assert any("group size 256" in n for n in gpu["notes"])
@@ -276,18 +279,18 @@ def test_preflight_on_a_4096_wide_model_config():
 def test_gptq_config_says_desc_act_only_for_a_non_monotonic_g_idx(tmp_path, act_order, group_size, desc_act):
     """desc_act tells loaders that g_idx may be out of order (vLLM then refuses the checkpoint): only dynamic
     act-order with groups makes it so. The act-order itself is kept in meta for `inspect`."""
-    from service import inspect
+    from service.job import inspection
     model = tiny.tiny_model("llama")
-    cfg = QuantConfig(bits=4, group_size=group_size, desc_act=act_order != "none", static_groups=act_order == "static")
+    cfg = QuantConfig(scheme=Scheme(bits=4, group_size=group_size, act_order=act_order))
     q, _ = quantize_model(model, tiny.calib(), cfg)
     out = save(tmp_path / "a", model, None, q, cfg, "gptq", {"algorithm": "gptq"})
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     monotonic = all(bool((qw.g_idx.diff() >= 0).all()) for qw in q.values())
     assert qc["desc_act"] is desc_act and monotonic is not desc_act
     assert qc["meta"]["act_order"] == act_order and qc == json.loads((out / "quantize_config.json").read_text())
-    d = inspect.describe(out)
+    d = inspection.describe(out)
     assert d["settings"]["act_order"] == act_order
-    assert ("act-order " + act_order in inspect.render(d)) is (act_order != "none")
+    assert ("act-order " + act_order in inspection.render(d)) is (act_order != "none")
     gpu = next(v for v in d["compatibility"] if v["runtime"] == "vllm")
     assert gpu["ok"] is not desc_act and ("desc_act=True" in gpu["reason"]) is desc_act
 
@@ -296,12 +299,12 @@ def test_gptq_config_says_desc_act_only_for_a_non_monotonic_g_idx(tmp_path, act_
 def test_ct_scales_exact_for_a_bfloat16_model(tmp_path, algorithm):
     """compressed-tensors keeps scales in the model dtype: for a bfloat16 model the grid rounds scales
     to bfloat16 before choosing codes, so the artifact dequantizes to exactly the computed weights."""
-    from service.pipeline import with_scale_dtype
+    from quantizers.artifact import with_scale_dtype
     model = tiny.tiny_model("llama")
     model.config.dtype = torch.bfloat16
-    base = QuantConfig(algorithm=algorithm, bits=4, group_size=GS, sym=algorithm != "awq")
+    base = QuantConfig(scheme=Scheme(bits=4, group_size=GS, sym=algorithm != "awq"), algorithm=algorithm)
     cfg = with_scale_dtype(base, "compressed-tensors", model)
-    assert cfg.scale_dtype == "bfloat16" and with_scale_dtype(base, "awq", model).scale_dtype == "float16"
+    assert cfg.scheme.scale_dtype == "bfloat16" and with_scale_dtype(base, "awq", model).scheme.scale_dtype == "float16"
     q, _ = quantize_model(model, tiny.calib() if algorithm != "rtn" else None, cfg)
     out = save(tmp_path / "ct", model, None, q, cfg, "compressed-tensors", {})
     t = read_tensors(out)

@@ -7,8 +7,10 @@ import hashlib
 import pytest
 
 import tiny
-from quantizers.driver import QuantConfig, quantize_model
-from service.pipeline import save
+from quantizers.config import QuantConfig
+from quantizers.walk import quantize_model
+from quantizers.artifact import save
+from quantizers.scheme import Scheme
 
 GOLDEN = {  # (format, sym) -> sha256 (first 16 hex digits) of each file
     ('gptq', True): {'config.json': 'e0e701a59a24032e', 'generation_config.json': 'b3774c2596ef62cd',
@@ -32,7 +34,7 @@ def _hashes(folder) -> dict[str, str]:
                                       ("compressed-tensors", False)])
 def test_artifact_bytes_are_unchanged(tmp_path, fmt, sym):
     model = tiny.tiny_model("qwen2")                  # q/k/v biases: every kind of tensor is written
-    cfg = QuantConfig(algorithm="rtn", bits=4, group_size=32, sym=sym)
+    cfg = QuantConfig(scheme=Scheme(bits=4, group_size=32, sym=sym), algorithm="rtn")
     q, _ = quantize_model(model, None, cfg)
     out = save(tmp_path / "a", model, None, q, cfg, fmt, {"quantizer": ["quantfarm:golden"]})
     assert _hashes(out) == GOLDEN[fmt, sym]

@@ -5,7 +5,8 @@ import torch
 from quantizers import gptq, rtn
 from quantizers.gptq import relative_error
 from quantizers.grid import grid_params
-from service.errors import QuantizationError
+from quantizers.scheme import Scheme
+from core.errors import QuantizationError
 
 
 def problem(out_f=96, in_f=160, n=2048, seed=0):
@@ -24,8 +25,8 @@ def problem(out_f=96, in_f=160, n=2048, seed=0):
 @pytest.mark.parametrize("group_size", [-1, 32, 64])
 def test_gptq_beats_rtn_on_output_error(bits, group_size):
     W, H = problem()
-    q, stats = gptq.quantize_weight(W, H, bits, group_size, sym=True)
-    r = rtn.quantize_weight(W, bits, group_size, sym=True)
+    q, stats = gptq.quantize_weight(W, H, Scheme(bits=bits, group_size=group_size, sym=True))
+    r = rtn.quantize_weight(W, Scheme(bits=bits, group_size=group_size, sym=True))
     e_gptq, e_rtn = relative_error(W, q.dequantize(), H), relative_error(W, r.dequantize(), H)
     assert stats.rel_error == pytest.approx(e_gptq)
     assert e_gptq < 0.8 * e_rtn, (e_gptq, e_rtn)
@@ -46,16 +47,16 @@ def test_grid_conventions():
 
 def test_ragged_last_group_and_asym():
     W, H = problem(out_f=64, in_f=160)
-    q, _ = gptq.quantize_weight(W, H, 4, 64, sym=False)
+    q, _ = gptq.quantize_weight(W, H, Scheme(bits=4, group_size=64, sym=False))
     assert q.scales.shape == (3, 64) and q.zeros.shape == (3, 64)     # 64 + 64 + 32
     assert torch.equal(q.g_idx, torch.arange(160, dtype=torch.int32) // 64)
     assert q.zeros.min() >= 0 and q.zeros.max() <= 15
-    assert relative_error(W, q.dequantize(), H) < relative_error(W, rtn.quantize_weight(W, 4, 64, False).dequantize(), H)
+    assert relative_error(W, q.dequantize(), H) < relative_error(W, rtn.quantize_weight(W, Scheme(bits=4, group_size=64, sym=False)).dequantize(), H)
 
 
 def test_desc_act_groups_follow_hessian_order():
     W, H = problem()
-    q, _ = gptq.quantize_weight(W, H, 4, 32, desc_act=True)
+    q, _ = gptq.quantize_weight(W, H, Scheme(bits=4, group_size=32, act_order="dynamic"))
     order = torch.argsort(torch.diag(H), descending=True)
     expect = torch.empty(W.shape[1], dtype=torch.int32)
     expect[order] = torch.arange(W.shape[1], dtype=torch.int32) // 32
@@ -70,7 +71,7 @@ def test_desc_act_groups_follow_hessian_order():
 
 def test_static_groups_keep_natural_g_idx():
     W, H = problem()
-    q, _ = gptq.quantize_weight(W, H, 4, 32, desc_act=True, static_groups=True)
+    q, _ = gptq.quantize_weight(W, H, Scheme(bits=4, group_size=32, act_order="static"))
     assert torch.equal(q.g_idx, torch.arange(W.shape[1], dtype=torch.int32) // 32)
     for g in range(5):      # grids from the unmodified weights, natural column order
         s, z = grid_params(W[:, g * 32:(g + 1) * 32], 4, True)
@@ -81,7 +82,7 @@ def test_dead_columns_become_zero():
     W, H = problem()
     H[5, :] = 0
     H[:, 5] = 0
-    q, _ = gptq.quantize_weight(W, H, 4, 32, sym=True)
+    q, _ = gptq.quantize_weight(W, H, Scheme(bits=4, group_size=32, sym=True))
     assert torch.all(q.dequantize()[:, 5] == 0)
 
 
@@ -91,7 +92,7 @@ def test_damping_increases_until_cholesky_succeeds():
     H = 2 * X.t() @ X / 20
     with pytest.raises(torch.linalg.LinAlgError):
         torch.linalg.cholesky(H)
-    q, stats = gptq.quantize_weight(W, H, 4, 32, damp_percent=0.0)
+    q, stats = gptq.quantize_weight(W, H, Scheme(bits=4, group_size=32), damp_percent=0.0)
     assert stats.damp > 0
     assert torch.isfinite(q.dequantize()).all()
 
@@ -100,7 +101,7 @@ def test_hopeless_hessian_raises_clear_error():
     W, _ = problem()
     H = -torch.eye(W.shape[1])
     with pytest.raises(QuantizationError, match="not positive definite"):
-        gptq.quantize_weight(W, H, 4, 32)
+        gptq.quantize_weight(W, H, Scheme(bits=4, group_size=32))
 
 
 def test_concatenated_rows_equal_separate_quantization():
@@ -108,15 +109,15 @@ def test_concatenated_rows_equal_separate_quantization():
     is one code path on one device: every step works per row, and the one matrix product (the
     between-block update, an sgemm at 40 and at 96 rows) sums each row in the same order."""
     W, H = problem(out_f=96)
-    whole, _ = gptq.quantize_weight(W, H, 4, 32)
-    top, _ = gptq.quantize_weight(W[:40], H, 4, 32)
+    whole, _ = gptq.quantize_weight(W, H, Scheme(bits=4, group_size=32))
+    top, _ = gptq.quantize_weight(W[:40], H, Scheme(bits=4, group_size=32))
     assert torch.equal(whole.rows(0, 40).codes, top.codes)
     assert torch.equal(whole.rows(0, 40).scales, top.scales)
 
 
 def test_deterministic():
     W, H = problem()
-    a, _ = gptq.quantize_weight(W, H, 4, 32, desc_act=True)
-    b, _ = gptq.quantize_weight(W, H, 4, 32, desc_act=True)
+    a, _ = gptq.quantize_weight(W, H, Scheme(bits=4, group_size=32, act_order="dynamic"))
+    b, _ = gptq.quantize_weight(W, H, Scheme(bits=4, group_size=32, act_order="dynamic"))
     for k in ("codes", "scales", "zeros", "g_idx"):
         assert torch.equal(getattr(a, k), getattr(b, k))

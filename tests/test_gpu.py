@@ -12,6 +12,7 @@ import torch
 
 from quantizers import gptq
 from quantizers.gptq import relative_error
+from quantizers.scheme import ActOrder, Scheme
 
 from test_gptq import problem
 from tiny import calib, tiny_model
@@ -37,12 +38,14 @@ import json, sys
 import torch
 sys.path[:0] = [{root!r}, {tests!r}]
 from quantizers import gptq
+from quantizers.scheme import ActOrder, Scheme
 from test_gptq import problem
 out = []
 for bits, gs, sym, desc, static, shape in {cases!r}:
     W, H = problem(out_f=shape[0] // 8, in_f=shape[1], n=2048)
-    ref, rs = gptq.quantize_weight(W, H, bits, gs, sym, desc, static, kernel="torch")
-    fast, fs = gptq.quantize_weight(W, H, bits, gs, sym, desc, static, kernel="triton")
+    q = Scheme(bits, gs, sym, ActOrder.of(desc, static))
+    ref, rs = gptq.quantize_weight(W, H, q, kernel="torch")
+    fast, fs = gptq.quantize_weight(W, H, q, kernel="triton")
     out.append({{"codes": torch.equal(fast.codes, ref.codes), "scales": torch.equal(fast.scales, ref.scales),
                 "g_idx": torch.equal(fast.g_idx, ref.g_idx), "rel": [fs.rel_error, rs.rel_error]}})
 print("RESULT " + json.dumps(out))
@@ -74,8 +77,8 @@ def test_triton_kernel_logic_under_interpreter():
 def test_triton_loop_matches_reference(bits, gs, sym, desc, static, shape):
     W, H = problem(out_f=shape[0], in_f=shape[1], n=4096)
     W, H = W.cuda(), H.cuda()
-    ref, ref_stats = gptq.quantize_weight(W, H, bits, gs, sym, desc, static, kernel="torch")
-    fast, stats = gptq.quantize_weight(W, H, bits, gs, sym, desc, static)
+    ref, ref_stats = gptq.quantize_weight(W, H, Scheme(bits=bits, group_size=gs, sym=sym, act_order=ActOrder.of(desc, static)), kernel="torch")
+    fast, stats = gptq.quantize_weight(W, H, Scheme(bits=bits, group_size=gs, sym=sym, act_order=ActOrder.of(desc, static)))
     assert torch.equal(fast.g_idx, ref.g_idx)
     assert fast.scales.shape == ref.scales.shape
     same = (fast.codes == ref.codes).float().mean().item()
@@ -99,9 +102,10 @@ def test_tensor_core_hessian_equals_float32():
 
 @cuda
 def test_driver_on_cuda_matches_cpu():
-    from quantizers.driver import QuantConfig, quantize_model
+    from quantizers.config import QuantConfig
+    from quantizers.walk import quantize_model
     tokens = calib()
-    cfg = QuantConfig(group_size=32)
+    cfg = QuantConfig(scheme=Scheme(group_size=32))
     cpu_model, gpu_model = tiny_model("llama"), tiny_model("llama").cuda()
     _, cpu_rep = quantize_model(cpu_model, tokens, cfg, "cpu")
     res, gpu_rep = quantize_model(gpu_model, tokens.cuda(), cfg, "cuda")

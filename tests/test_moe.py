@@ -14,18 +14,21 @@ from safetensors import safe_open
 import tiny
 from quantizers import moe
 from quantizers.artifact import load_artifact, read_tensors
-from quantizers.driver import QuantConfig, check_coverage, coverage, quantize_model
-from service import inspect
-from service.errors import QuantizationError
-from service.pipeline import save
+from quantizers.config import QuantConfig
+from quantizers.walk import check_coverage, coverage, quantize_model
+from service.job import inspection
+from core.errors import QuantizationError
+from quantizers.artifact import save
+from quantizers.scheme import Scheme
 
 TOKENS = tiny.calib(16, 32)                       # 512 tokens: about 256 routed to each of the 4 experts
 HELD_OUT = tiny.calib(4, 32, seed=9)
 
 
-def quantize(arch, algorithm="gptq", **kw):
+def quantize(arch, algorithm="gptq", sym=None, **kw):
     model = tiny.tiny_moe(arch)
-    cfg = QuantConfig(algorithm=algorithm, group_size=32, **{"sym": algorithm != "awq", **kw})
+    scheme = Scheme(group_size=32, sym=algorithm != "awq" if sym is None else sym)
+    cfg = QuantConfig(scheme=scheme, algorithm=algorithm, **kw)
     q, reports = quantize_model(model, TOKENS if algorithm != "rtn" else None, cfg)
     return model, cfg, q, reports
 
@@ -133,7 +136,7 @@ def test_artifact_names_experts_as_the_family_does_and_reads_back(tmp_path, arch
     # preflight's transformers verdict against transformers' from_pretrained: where it says refused, the
     # experts come out wrong (left random, no error); where it says loads, the logits are ours
     from transformers import AutoModelForCausalLM
-    verdict = {v["runtime"]: v for v in inspect.describe(out)["compatibility"]}["transformers"]
+    verdict = {v["runtime"]: v for v in inspection.describe(out)["compatibility"]}["transformers"]
     with torch.no_grad():
         theirs = AutoModelForCausalLM.from_pretrained(out, device_map="cpu", dtype=torch.float16)
         a, b = loaded(HELD_OUT).logits, theirs(HELD_OUT).logits.float()
@@ -221,7 +224,7 @@ def test_no_silent_16_bit_weights():
 
 def test_kept_linears_stay_16_bit_and_the_format_says_so(tmp_path):
     model = tiny.tiny_moe("qwen3_moe")
-    cfg = QuantConfig(group_size=32, keep=("*.experts.0.down_proj",))
+    cfg = QuantConfig(scheme=Scheme(group_size=32), keep=("*.experts.0.down_proj",))
     q, _ = quantize_model(model, TOKENS, cfg)
     assert not any(re.search(r"experts\.0\.down_proj$", n) for n in q)
     assert "model.layers.0.mlp.experts.1.down_proj" in q

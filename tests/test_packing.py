@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from quantizers import gptq_format
+from quantizers.formats.gptq import GPTQ, layout as gptq_layout
 from quantizers.grid import QuantizedWeight
 from quantizers.packing import pack_cols, pack_rows, unpack_cols, unpack_rows
 
@@ -52,26 +52,26 @@ def random_weight(bits, in_f, out_f, gs, sym, seed=0):
 @pytest.mark.parametrize("sym", [True, False])
 def test_gptq_tensors_round_trip(bits, sym):
     qw = random_weight(bits, 576, 64, 128, sym)      # ragged: 4 x 128 + 64
-    fmt = gptq_format.checkpoint_format(sym)
-    t = gptq_format.to_tensors(qw, fmt)
+    fmt = gptq_layout(sym)
+    t = GPTQ().pack(qw, fmt)
     assert t["qweight"].shape == (576 * bits // 32, 64)
     assert t["qzeros"].shape == (5, 64 * bits // 32)
     assert t["scales"].dtype == torch.float16 and t["scales"].shape == (5, 64)
-    back = gptq_format.from_tensors(t, bits, fmt, sym, 128)
+    back = GPTQ().unpack(t, bits, fmt, sym, 128)
     for k in ("codes", "scales", "zeros", "g_idx"):
         assert torch.equal(getattr(back, k), getattr(qw, k)), k
     assert torch.equal(back.dequantize(), qw.dequantize())
 
 
 def test_v1_sym_4bit_zero_word():
-    t = gptq_format.to_tensors(random_weight(4, 128, 64, 32, True), "gptq")
+    t = GPTQ().pack(random_weight(4, 128, 64, 32, True), "gptq")
     assert torch.all(t["qzeros"] == 0x77777777)       # zero 8 stored as 7, eight per word
 
 
 def test_v1_refuses_asymmetric():
-    from service.errors import SpecError
+    from core.errors import SpecError
     with pytest.raises(SpecError, match="gptq_v2"):
-        gptq_format.to_tensors(random_weight(4, 128, 64, 32, False), "gptq")
+        GPTQ().pack(random_weight(4, 128, 64, 32, False), "gptq")
 
 
 def test_dequantize_formula():

@@ -4,8 +4,8 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from service import pipeline
-from service.spec import JobSpec
+from service.job import pipeline
+from service.job.spec import JobSpec
 from tiny import save_tiny
 
 
@@ -31,7 +31,7 @@ def test_same_seed_gives_byte_identical_tensors(tiny_dir, tmp_path):
 
 
 def test_report_and_configs(tiny_dir, tmp_path):
-    r = pipeline.run(spec(tiny_dir, sym=False, desc_act=True), tmp_path / "art", device="cpu")
+    r = pipeline.run(spec(tiny_dir, sym=False, act_order="static"), tmp_path / "art", device="cpu")
     art = tmp_path / "art"
     qc = json.loads((art / "config.json").read_text())["quantization_config"]
     assert qc["checkpoint_format"] == "gptq_v2" and qc["sym"] is False
@@ -47,7 +47,7 @@ def test_report_and_configs(tiny_dir, tmp_path):
 
 def test_resume_through_the_pipeline(tiny_dir, tmp_path):
     """A run cancelled after its first layer resumes from --state-dir to the same artifact."""
-    from quantizers.driver import Cancelled
+    from quantizers.walk import Cancelled
     calls = iter([False, True])
     with pytest.raises(Cancelled):
         pipeline.run(spec(tiny_dir), tmp_path / "x", device="cpu", state_dir=tmp_path / "state",
@@ -79,11 +79,16 @@ def test_algorithm_and_format_combinations(tiny_dir, tmp_path, algorithm, fmt):
 
 def test_awq_spec_defaults_and_refusals(tiny_dir, tmp_path):
     cfg = JobSpec(model="m", algorithm="awq").quant_config()
-    assert (cfg.sym, cfg.desc_act, cfg.static_groups) == (False, False, False)
-    assert JobSpec(model="m").quant_config().sym is True
+    assert (cfg.scheme.sym, cfg.scheme.act_order) == (False, "none")             # act-order is GPTQ's
+    assert JobSpec(model="m").quant_config().scheme.sym is True
+    # specs stored before act_order: GPTQ's two flags become the one setting
+    assert [JobSpec(model="m", desc_act=d, static_groups=st).act_order for d, st in
+            [(True, True), (True, False), (False, True)]] == ["static", "dynamic", "none"]
+    with pytest.raises(ValueError, match="not both"):
+        JobSpec(model="m", act_order="static", desc_act=True)
     with pytest.raises(ValueError, match="zero points"):
         JobSpec(model="m", algorithm="awq", sym=True)
-    from service.errors import SpecError
+    from core.errors import SpecError
     with pytest.raises(SpecError, match="multiple of the group size"):      # 64-wide tiny Linears, g48
         pipeline.run(spec(tiny_dir, algorithm="awq", format="awq", group_size=48), tmp_path / "x", device="cpu")
     assert not (tmp_path / "x").exists()

@@ -12,10 +12,10 @@ import sys
 
 import pytest
 
-from service.cli import main
-from service.spec import JobSpec
-from service.store import Store, migrate
-from service.worker import run_job
+from service.cli.main import main
+from service.job.spec import JobSpec
+from service.farm.store import Store, migrate
+from service.farm.worker import run_job
 from tests.conftest import require_shared_data
 
 pytestmark = pytest.mark.slow

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from safetensors.torch import load_file
 
-from service.store import Store, migrate
+from service.farm.store import Store, migrate
 
 PG_URL = os.environ.get("QUANTFARM_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 TOKENS = {"admin": "adm-" + "x" * 20, "alice": "sub-" + "a" * 20, "bob": "sub-" + "b" * 20, "reader": "rd-" + "r" * 20}

@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from service.store import Store
+from service.farm.store import Store
 from test_service import SMALL, Server
 
 

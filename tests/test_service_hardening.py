@@ -18,7 +18,7 @@ import httpx
 import pytest
 from sqlalchemy import insert
 
-from service.store import Store, jobs
+from service.farm.store import Store, jobs
 from test_service import PG_URL, SMALL, TOKENS, Server, auth, tokens_file
 from tiny import save_tiny
 
@@ -113,10 +113,10 @@ def test_remote_code_and_pickle_are_the_servers_decision(farm, roots, tmp_path):
     assert r.status_code == 201, r.text
 
     # a worker without --allow-remote-code refuses such a job even if it is in the queue
-    from service.policy import Policy
-    from service.worker import run_job
+    from service.farm.policy import Policy
+    from service.farm.worker import run_job
     store = Store(f"sqlite:///{tmp_path}/w.db")
-    from service.store import migrate
+    from service.farm.store import migrate
     migrate(store.engine)
     job, _ = store.submit({**SMALL, "model": custom, "trust_remote_code": True}, "k", custom, "r")
     claimed = store.claim("w")
@@ -240,13 +240,13 @@ def test_bounds_same_answers_on_sqlite_and_postgresql(farm, pg_farm, tmp_path):
 def test_memory_estimate_within_the_largest_worker(farm, tmp_path):
     """A CPU slot has a budget too (host memory): the API refuses what no worker can hold, and a CPU
     worker does not claim it. Workers elsewhere (`quantfarm worker`) count through the store."""
-    from service import admission
-    from service.errors import SpecError
-    from service.policy import Policy
-    from service.server import largest_worker_gb
-    from service.spec import JobSpec
-    from service.store import migrate
-    from service.worker import device_memory_gb, host_memory_gb
+    from service.farm import admission
+    from core.errors import SpecError
+    from service.farm.policy import Policy
+    from service.farm.supervisor import largest_worker_gb
+    from service.job.spec import JobSpec
+    from service.farm.store import migrate
+    from service.farm.worker import device_memory_gb, host_memory_gb
     host = host_memory_gb()
     assert largest_worker_gb(1) == device_memory_gb("cpu") == host > 1 and largest_worker_gb(0) is None
     huge = JobSpec.model_validate({**SMALL, "calibration": {"samples": 100_000, "seq_len": 131_072}})
@@ -304,13 +304,13 @@ def test_tenancy_resubmission_and_private_store(farm):
 def test_public_docs_and_metrics_from_the_tokens_file(tmp_path):
     from fastapi.testclient import TestClient
 
-    from service.api import Settings, create_app
-    from service.auth import Auth
-    from service.store import migrate
+    from service.farm.api import FarmSettings, create_app
+    from service.farm.auth import Auth
+    from service.farm.store import migrate
     db = f"sqlite:///{tmp_path}/s.db"
     migrate(Store(db).engine)
     path = tokens_file(tmp_path, public=["docs", "metrics"])
-    with TestClient(create_app(Settings(db, tmp_path, Auth.from_file(path)))) as c:
+    with TestClient(create_app(FarmSettings(db, tmp_path, Auth.from_file(path)))) as c:
         assert c.get("/docs").status_code == c.get("/openapi.json").status_code == c.get("/metrics").status_code == 200
         assert c.get("/v1/jobs").status_code == 401
         assert c.get("/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401

@@ -13,8 +13,8 @@ from urllib.parse import unquote, urlsplit
 import pytest
 import torch
 
-from service.errors import ModelSourceError, UnsafeModelError
-from service.sources import DEMO_MODELS, ResolvedModel, load_model, resolve_model
+from core.errors import ModelSourceError, UnsafeModelError
+from service.job.models import DEMO_MODELS, ResolvedModel, load_model, resolve_model
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 

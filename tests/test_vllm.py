@@ -44,7 +44,10 @@ import torch
 
 import tiny
 from quantizers.artifact import load_artifact
-from service import inspect, preflight
+from quantizers import formats
+from quantizers.formats import vllm as vllm_rules
+from quantizers.scheme import Scheme
+from service.job import inspection
 
 pytestmark = pytest.mark.slow
 
@@ -180,13 +183,14 @@ def tiny_vllm_model(arch: str, hidden: int, intermediate: int, seed: int = 0):
 
 def build_tiny(case: Case, folder: Path) -> tuple[Path, list[torch.Tensor]]:
     """The artifact, and the unquantized model's log-probabilities on each of tiny_prompts()."""
-    from quantizers.driver import QuantConfig, quantize_model
-    from service.pipeline import save, with_scale_dtype
+    from quantizers.config import QuantConfig
+    from quantizers.walk import quantize_model
+    from quantizers.artifact import save, with_scale_dtype
 
     model = tiny_vllm_model(case.arch, case.hidden, case.intermediate)
     fp = log_probs(model, tiny_prompts())
-    cfg = QuantConfig(algorithm=case.algorithm, bits=case.bits, group_size=case.group_size, sym=case.sym,
-                      desc_act=case.act_order != "none", static_groups=case.act_order == "static")
+    cfg = QuantConfig(scheme=Scheme(bits=case.bits, group_size=case.group_size, sym=case.sym, act_order=case.act_order),
+                      algorithm=case.algorithm)
     cfg = with_scale_dtype(cfg, case.fmt, model)
     quantized, _ = quantize_model(model, tiny.calib(8, 64) if case.algorithm != "rtn" else None, cfg, "cpu")
     save(folder, model, None, quantized, cfg, case.fmt, {"quantizer": ["quantfarm:test"], "algorithm": case.algorithm})
@@ -204,9 +208,9 @@ def log_probs(model, prompts: list[list[int]]) -> list[torch.Tensor]:
 
 def linears(folder: Path) -> dict[str, list]:
     """{module: [in, out, has bias]} of the quantized Linears, from the safetensors headers (as inspect reads)."""
-    headers = inspect._headers(folder)
-    s = inspect.settings_of(inspect.read_quant_config(folder))
-    return {m: [i, o, f"{m}.bias" in headers] for m, (i, o) in inspect.quantized_shapes(headers, s).items()}
+    headers = inspection._headers(folder)
+    t = inspection.target_of(inspection.read_quant_config(folder), headers)
+    return {m: [i, o, f"{m}.bias" in headers] for m, (i, o) in inspection.quantized_shapes(headers, t).items()}
 
 
 @pytest.fixture(scope="module")
@@ -259,9 +263,9 @@ def result(vllm_results, name: str) -> dict:
     return vllm_results["cases"][name]
 
 
-def verdicts(folder: Path) -> dict[str, preflight.Verdict]:
+def verdicts(folder: Path) -> dict[str, formats.Verdict]:
     """preflight's runtime verdicts for the artifact, as `quantfarm inspect` gives them."""
-    return {v["runtime"]: preflight.Verdict(**v) for v in inspect.describe(folder)["compatibility"]}
+    return {v["runtime"]: formats.Verdict(**v) for v in inspection.describe(folder)["compatibility"]}
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -306,7 +310,7 @@ def test_vllm_gpu_path_does_what_preflight_says(vllm_results, name):
         assert verdict.path.startswith(g["quantization"]), (verdict.path, g["quantization"])
         kernels = {v["kernel"] for v in g["layers"].values()}
         if cc == 80:          # what preflight names: Marlin, or (kernel "") a fallback
-            assert (kernels == {verdict.kernel}) if verdict.kernel else (preflight.GPU_FAST_KERNEL not in kernels), \
+            assert (kernels == {verdict.kernel}) if verdict.kernel else (vllm_rules.GPU_FAST_KERNEL not in kernels), \
                 (kernels, verdict)
 
 

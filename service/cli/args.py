@@ -1,0 +1,131 @@
+"""Arguments shared by the commands: the JobSpec settings (`quantize` runs a job here, `submit` on the
+farm), the evaluation settings, and --help that shows defaults."""
+import argparse
+
+
+class TableNames:
+    """The names in the algorithm or format table, looked up when argparse first needs them: building the
+    parser imports no torch, so the client commands start at once."""
+
+    def __init__(self, table: str):
+        self.table = table
+
+    def _names(self) -> list[str]:
+        if self.table == "formats":
+            from quantizers.formats import FORMATS as table
+        else:
+            from quantizers.algorithms import ALGORITHMS as table
+        return list(table)
+
+    def __contains__(self, name) -> bool:
+        return name in self._names()
+
+    def __iter__(self):
+        return iter(self._names())
+
+
+class HelpWithDefaults(argparse.HelpFormatter):
+    """--help shows each option's default, unless it is unset (None/False) or the help already says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.nargs != 0 and action.default not in (None, argparse.SUPPRESS) and "default" not in text:
+            text += " (default: %(default)s)" if text else "default: %(default)s"
+        return text
+
+
+def spec_arguments(p):
+    """The JobSpec settings, shared by `quantize` (runs here) and `submit` (runs on the farm)."""
+    p.add_argument("model", help="smollm2-135m (built-in demo), a Hugging Face id org/name, a local folder, or a .gguf file")
+    p.add_argument("--revision", help="Hub branch, tag or commit (pinned to a commit sha)")
+    p.add_argument("--algorithm", default="gptq", choices=TableNames("algorithms"), help="how weights are quantized")
+    p.add_argument("--format", default="gptq", choices=TableNames("formats"),
+                   help="how they are stored (awq: 4-bit AWQ GEMM; compressed-tensors: pack-quantized, vLLM-native)")
+    p.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8])
+    p.add_argument("--group-size", type=int, default=128, help="columns per group; -1 for one group per row")
+    sym = p.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="sym", action="store_true", default=None,
+                     help="symmetric grid (default for gptq and rtn)")
+    sym.add_argument("--asym", dest="sym", action="store_false",
+                     help="asymmetric grid (always for awq; GPTQ writes it as gptq_v2)")
+    p.add_argument("--act-order", choices=["static", "dynamic", "none"], default="static",
+                   help="column order by descending Hessian diagonal: static (default; groups keep their natural "
+                        "columns, so g_idx stays monotonic and inference pays nothing), dynamic (groups formed in "
+                        "that order: classic desc_act, non-monotonic g_idx), or none")
+    p.add_argument("--desc-act", dest="act_order", action="store_const", const="dynamic",
+                   help="same as --act-order dynamic")
+    p.add_argument("--no-true-sequential", dest="true_sequential", action="store_false",
+                   help="collect all inputs of a layer at once instead of group by group")
+    p.add_argument("--damp", type=float, default=0.01, help="damping as a fraction of mean(diag H)")
+    p.add_argument("--keep", action="append", default=[], metavar="PATTERN",
+                   help="leave these decoder modules in 16 bits on purpose (fnmatch on full names, e.g. "
+                        "'*.shared_expert.*'); repeatable. Without it a job fails if under 99%% of the "
+                        "decoder layers' weight matrices can be quantized")
+    p.add_argument("--calibration", default="auto",
+                   help="auto | c4 | wikitext2 | model | FILE.txt | FILE.jsonl | hf:NAME[:CONFIG[:SPLIT]]")
+    p.add_argument("--samples", type=int, default=None,
+                   help=f"calibration samples (default {GPU_SIZING['samples']}; `quantize` on a CPU: "
+                        f"{CPU_SIZING['samples']})")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sample")
+    p.add_argument("--seed", type=int, default=0)
+    eval_arguments(p)
+    p.add_argument("--no-eval", dest="suite", action="store_const", const="none", help="same as --suite none")
+    p.add_argument("--min-recovery", type=float,
+                   help="quality gate: recovery below this fails the job (failed_quality; the artifact is kept)")
+    p.add_argument("--allow-pickle", action="store_true", help="accept pickle (.bin) weights")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run")
+
+
+def eval_arguments(p):
+    p.add_argument("--suite", default="quick",
+                   help="quick (perplexity + KLD on held-out text) | leaderboard (ARC-Challenge, HellaSwag, MMLU, "
+                        "TruthfulQA mc2, Winogrande, GSM8K through lm-eval) | none | a comma list of parts")
+    p.add_argument("--limit", "--eval-limit", dest="eval_limit", type=int,
+                   help="at most N items per task (MMLU: spread over its subjects) and N text windows: a quick run")
+    p.add_argument("--eval-text", help="held-out text for perplexity/KLD (default: WikiText-2 validation when present)")
+    p.add_argument("--eval-windows", type=int, default=None,
+                   help=f"text windows of 512 tokens (default {GPU_SIZING['windows']}; `quantize` on a CPU: "
+                        f"{CPU_SIZING['windows']})")
+    p.add_argument("--eval-batch-size", type=int, default=8)
+    p.add_argument("--data-dir", help="task data folder (default: the shared data folder, QUANTFARM_DATA)")
+
+
+def _given(**kw) -> dict:
+    """The options the user set: unset ones (None) take the JobSpec's defaults."""
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+def evaluation_from_args(a) -> dict:
+    suite = a.suite.split(",") if "," in a.suite else a.suite
+    return {"suite": suite, "text": a.eval_text, "limit": a.eval_limit, "batch_size": a.eval_batch_size,
+            "data_dir": a.data_dir, **_given(windows=a.eval_windows)}
+
+
+def spec_from_args(a, **extra):
+    from service.job.spec import JobSpec
+    return JobSpec(model=a.model, revision=a.revision, algorithm=a.algorithm, format=a.format, bits=a.bits,
+                   group_size=a.group_size, sym=a.sym, act_order=a.act_order, true_sequential=a.true_sequential, damp_percent=a.damp, keep=a.keep,
+                   calibration={"source": a.calibration, "seq_len": a.seq_len, "seed": a.seed,
+                                **_given(samples=a.samples)},
+                   evaluation=evaluation_from_args(a), min_recovery=a.min_recovery,
+                   allow_pickle=a.allow_pickle, trust_remote_code=a.trust_remote_code, **extra)
+
+
+# Calibration samples and evaluation windows (of 512 tokens) when the user sets neither: the JobSpec's
+# defaults on a GPU; `quantize` on a CPU takes a quarter of the calibration and half the windows, so a
+# first run of the demo model ends in about two minutes on two cores (BENCHMARKS.md, "Set-up and demo").
+GPU_SIZING = {"samples": 128, "windows": 32}
+CPU_SIZING = {"samples": 32, "windows": 16}
+
+
+def size_for_device(a, device) -> str | None:
+    """Fill unset --samples/--eval-windows for a CPU run; returns the sentence the summary prints."""
+    if device.type != "cpu" or (a.samples is not None and a.eval_windows is not None):
+        return None
+    a.samples = CPU_SIZING["samples"] if a.samples is None else a.samples
+    a.eval_windows = CPU_SIZING["windows"] if a.eval_windows is None else a.eval_windows
+    return (f"sized for a CPU: {a.samples} x {a.seq_len} calibration tokens, {a.eval_windows} x 512 evaluation "
+            f"tokens (GPU defaults {GPU_SIZING['samples']} and {GPU_SIZING['windows']}; set --samples and "
+            "--eval-windows to choose)")
+
+

@@ -1,0 +1,89 @@
+"""`quantfarm serve` (the API plus local workers) and `quantfarm worker` (workers for a shared store).
+
+serve runs uvicorn in this process and the local workers under a supervisor (farm/supervisor.py).
+Shutdown: SIGTERM and SIGINT stop the workers (each hands its job back at the next layer boundary)
+before serve exits.
+"""
+import argparse
+import logging
+import signal
+from pathlib import Path
+
+from service.farm import policy
+from service.farm.home import default_db, default_home
+
+from .args import HelpWithDefaults
+
+
+def _common(p):
+    p.add_argument("--home", type=Path, default=None, help="data folder (QUANTFARM_HOME, default ~/.quantfarm)")
+    p.add_argument("--db", help="database URL: sqlite:///PATH or postgresql://USER@HOST:PORT/DB "
+                                "(QUANTFARM_DB; default sqlite under HOME)")
+    p.add_argument("--lease", type=float, default=30.0, help="seconds a worker's lease lasts without a heartbeat")
+    policy.add_arguments(p)
+
+
+def add_parsers(sub):
+    fmt = HelpWithDefaults
+    p = sub.add_parser("serve", help="run the HTTP API and local worker processes", formatter_class=fmt)
+    _common(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8600, help="TCP port of the API")
+    p.add_argument("--tokens", type=Path, help="tokens file (default HOME/tokens.json, created with an admin token)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes (default: one per visible GPU, else --cpu-slots; 0: API only)")
+    p.add_argument("--cpu-slots", type=int, default=1, help="CPU workers when no GPU is visible")
+    p.add_argument("--max-attempts", type=int, default=3, help="runs a job gets before a lost worker fails it")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("worker", help="run workers against a (shared) job store", formatter_class=fmt)
+    _common(p)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)     # set by serve: exit when it is gone
+    p.set_defaults(func=cmd_worker)
+
+
+def cmd_worker(a) -> int:
+    from service.farm.worker import work
+    from service.job.pipeline import pick_device
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    home = a.home or default_home()
+    device = str(pick_device(a.device))
+    work(a.db or default_db(home), home, device=device, lease_seconds=a.lease, policy=policy.from_args(a),
+         parent_pid=a.parent_pid)
+    return 0
+
+
+def _exit_on(signum, _frame):
+    raise SystemExit(128 + signum)
+
+
+def cmd_serve(a) -> int:
+    import uvicorn
+
+    from service.farm.api import FarmSettings, create_app
+    from service.farm.auth import Auth, ensure_tokens_file
+    from service.farm.store import Store, migrate
+    from service.farm.supervisor import Supervisor, largest_worker_gb, worker_commands
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    home = a.home or default_home()
+    db = a.db or default_db(home)
+    migrate(Store(db).engine)
+    tokens = a.tokens or ensure_tokens_file(home)
+    commands = worker_commands(a, home, db)
+    app = create_app(FarmSettings(db, home, Auth.from_file(tokens), a.lease, a.max_attempts, policy.from_args(a),
+                              largest_worker_gb(len(commands))))
+    # uvicorn re-raises the signal that stopped it once it has shut down: with Python's default SIGTERM
+    # action the process would die there and never reach `finally`; this makes it an exit that does
+    signal.signal(signal.SIGTERM, _exit_on)
+    sup = Supervisor(commands)
+    sup.start()
+    print(f"quantfarm: API on http://{a.host}:{a.port}/v1 (docs at /docs), {len(sup.commands)} worker(s), "
+          f"store {db.split('@')[-1]}, tokens in {tokens}", flush=True)
+    try:
+        uvicorn.run(app, host=a.host, port=a.port, log_level="warning")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sup.stop()
+    return 0

@@ -1,0 +1,207 @@
+"""The `quantfarm` command line."""
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from core.errors import QuantfarmError
+
+from .args import HelpWithDefaults, eval_arguments, evaluation_from_args, size_for_device, spec_arguments, spec_from_args
+
+
+def _quantize_parser(sub):
+    p = sub.add_parser("quantize", help="quantize a model into a standard checkpoint folder", formatter_class=HelpWithDefaults)
+    spec_arguments(p)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--state-dir", help="per-layer resume state: a rerun with the same folder resumes")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--no-baseline-cache", action="store_true", help="recompute the fp16 baseline, store nothing")
+    p.add_argument("--out", required=True, help="artifact folder to create")
+    p.set_defaults(func=cmd_quantize)
+
+
+def cmd_quantize(a) -> int:
+    from tqdm import tqdm
+
+    from service.job import pipeline
+
+    sizing = size_for_device(a, pipeline.pick_device(a.device))
+    spec = spec_from_args(a)
+    bar = None
+
+    def on_step(step):
+        if bar is not None:
+            bar.clear()          # a step line never runs into the progress bar
+        print(f"[quantfarm] {step}", file=sys.stderr, flush=True)
+
+    def on_layer(rep, total):
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, initial=rep.index, desc="layers", unit="layer", file=sys.stderr)
+        worst = max((m.get("rel_error", 0.0) for m in rep.modules.values()), default=0.0)
+        bar.set_postfix_str(f"{rep.seconds:.1f}s, worst rel err {worst:.2e}")
+        bar.update(1)
+        if bar.n >= total:
+            bar.close()
+
+    try:
+        r = pipeline.run(spec, a.out, device=a.device, state_dir=a.state_dir, overwrite=a.overwrite,
+                         cache_dir=baseline_cache(a), on_step=on_step, on_layer=on_layer)
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()
+        done = bar.n if bar is not None else 0
+        hint = (f"rerun the same command to resume from the {done} finished layers in {a.state_dir}" if a.state_dir
+                else "nothing was kept; with --state-dir DIR finished layers are saved and a rerun resumes")
+        print(f"\nquantfarm: interrupted; {hint}", file=sys.stderr)
+        return 130
+    if bar is not None:
+        bar.close()
+    mb = 2 ** 20
+    print(f"\nartifact     {r.artifact}")
+    print(f"model        {r.model} @ {r.revision}")
+    act = r.preflight["settings"]["act_order"]
+    print(f"format       {spec.format} {spec.bits}-bit g{spec.group_size} {'sym' if spec.symmetric else 'asym'}"
+          f"{' act-order ' + act if act != 'none' else ''} ({spec.algorithm})")
+    if spec.algorithm != "rtn":
+        c = spec.calibration
+        print(f"calibration  {c.samples} x {c.seq_len} tokens ({r.calibration_source})")
+    if sizing:
+        print(f"note         {sizing}")
+    print(f"time         {r.seconds['total']:.1f} s total, {r.seconds['quantize']:.1f} s quantizing")
+    print(f"size         {r.size_before_bytes / mb:.1f} MiB (16-bit) -> {r.size_after_bytes / mb:.1f} MiB")
+    from service.job.preflight import coverage_line, runtime_line, runtime_notes
+    for v in r.preflight["runtimes"]:
+        print(f"{v['runtime']:<13}{runtime_line(v)}")
+    for v in r.preflight["runtimes"]:
+        for n in runtime_notes(v):
+            print(f"note         {v['runtime']}: {n}")
+    c = r.coverage
+    if c:
+        print("coverage     " + coverage_line(c["fraction"], f" ({len(c['kept'])} kept 16-bit on purpose)" if c["kept"] else ""))
+    if r.evaluation:
+        print()
+        print(report_text(r.evaluation))
+    return gate_exit(spec.min_recovery, r.evaluation)
+
+
+def baseline_cache(a):
+    from service.farm.home import default_home
+    return None if a.no_baseline_cache else default_home() / "baselines"
+
+
+def report_text(ev: dict) -> str:
+    from evaluation import report
+    out = [report.text_table(report.recovery_rows(ev))]
+    if ev.get("kld"):
+        out += ["", "KL divergence (fp16 || quantized) on " + str(ev["text"]), report.text_table(report.kld_rows(ev["kld"]))]
+    cache = ev.get("baseline_cache") or {}
+    reused = [k for k, v in cache.items() if v == "hit"]
+    fresh = [k for k, v in cache.items() if v != "hit"]
+    said = ([f"reused from the baseline cache for {', '.join(reused)}"] if reused else []) + \
+           ([f"computed in this run for {', '.join(fresh)}"] if fresh else [])
+    out += ["", *report.notes(ev)] + (["fp16 scores: " + "; ".join(said) + "."] if said else [])
+    return "\n".join(out)
+
+
+def gate_exit(min_recovery, evaluation: dict) -> int:
+    """3 when a quality gate is set and not met (the artifact stays for inspection)."""
+    from service.job.pipeline import quality_failure
+    why = quality_failure(min_recovery, evaluation)
+    if why:
+        print(f"quantfarm: failed quality: {why}; the artifact is kept for inspection", file=sys.stderr)
+    return 3 if why else 0
+
+
+def _eval_parser(sub):
+    p = sub.add_parser("eval", help="evaluate an artifact against its fp16 source and write its report files", formatter_class=HelpWithDefaults)
+    p.add_argument("artifact", help="an artifact folder written by quantfarm")
+    eval_arguments(p)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--min-recovery", type=float, help="exit 3 when recovery is below this")
+    p.add_argument("--no-baseline-cache", action="store_true", help="recompute the fp16 baseline, store nothing")
+    p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("report", help="print an artifact's recovery table", formatter_class=HelpWithDefaults)
+    p.add_argument("artifact")
+    p.add_argument("--json", action="store_true", help="print the evaluation section of report.json")
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_eval(a) -> int:
+    from evaluation.suite import Evaluation
+
+    from service.job import pipeline
+    ev = Evaluation(**evaluation_from_args(a))
+    result = pipeline.evaluate_artifact(a.artifact, ev, device=a.device, cache_dir=baseline_cache(a),
+                                        on_step=lambda s: print(f"[quantfarm] {s}", file=sys.stderr, flush=True))
+    print(report_text(result))
+    return gate_exit(a.min_recovery, result)
+
+
+def cmd_report(a) -> int:
+    import json
+
+    from core.errors import ArtifactError
+    from evaluation import report
+    if not Path(a.artifact).is_dir():
+        raise ArtifactError(f"no such artifact: {a.artifact} is not a folder")
+    ev = report.read(a.artifact).get("evaluation")
+    if not ev or not ev.get("rows"):
+        raise ArtifactError(f"{a.artifact} has no evaluation in report.json; run `quantfarm eval {a.artifact}` first")
+    print(json.dumps(ev, indent=2) if a.json else report_text(ev))
+    return 0
+
+
+def _inspect_parser(sub):
+    p = sub.add_parser("inspect", help="describe an artifact: format, settings, sizes, compatibility, report", formatter_class=HelpWithDefaults)
+    p.add_argument("artifact", help="an artifact folder")
+    p.add_argument("--json", action="store_true", help="print the description as JSON")
+    p.set_defaults(func=cmd_inspect)
+
+
+def cmd_inspect(a) -> int:
+    import json
+
+    from service.job.inspection import describe, render
+    d = describe(a.artifact)
+    print(json.dumps(d, indent=2) if a.json else render(d))
+    return 0
+
+
+# Loggers of libraries that warn about things that do not concern a quantfarm user: torchao (pulled
+# in by gptqmodel) about CUDA kernels it cannot load on a CPU machine, torch's pytree about an enum
+# registration deprecated in torchao, alembic's INFO lines on every migration check.
+QUIET = {"torchao": logging.ERROR, "torch.utils._pytree": logging.ERROR, "alembic": logging.WARNING}
+
+
+def quiet_third_party():
+    for name, level in QUIET.items():
+        logging.getLogger(name).setLevel(level)
+
+
+def main(argv=None) -> int:
+    quiet_third_party()
+    parser = argparse.ArgumentParser(prog="quantfarm", description="Quantize models into standard GPTQ, AWQ and compressed-tensors checkpoints.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _quantize_parser(sub)
+    _inspect_parser(sub)
+    _eval_parser(sub)
+    from . import client, farm
+    farm.add_parsers(sub)
+    client.add_parsers(sub, spec_arguments, spec_from_args)
+    a = parser.parse_args(argv)
+    try:
+        return a.func(a)
+    except QuantfarmError as e:
+        print(f"quantfarm: error: {e}", file=sys.stderr)
+        return 2
+    except ValidationError as e:
+        msgs = "; ".join(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors())
+        print(f"quantfarm: error: invalid settings: {msgs}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

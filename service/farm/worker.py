@@ -1,0 +1,203 @@
+"""A worker process: claim a job, run the pipeline on it, report progress, keep the lease alive.
+
+A heartbeat thread renews the lease every third of its length and reads the job's cancel flag; the
+pipeline asks `should_stop` at every layer boundary, so cancelling (or losing the lease to another
+worker after a stall) stops the run there. Per-layer resume state lives under HOME/state/JOB, so a
+job requeued after its worker died resumes from the last completed layer on whichever worker
+claims it next.
+
+A worker started by `serve` dies with it: the kernel sends it SIGTERM when serve goes (Linux
+PR_SET_PDEATHSIG), and the poll loop and heartbeat also watch the parent pid, so even a serve killed
+with SIGKILL leaves no worker holding a lease past one lease period. SIGTERM/SIGINT stop a running job
+at its next layer boundary and hand it back to the queue.
+"""
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from quantizers.walk import Cancelled
+from service.job import pipeline
+from service.job.spec import JobSpec
+
+from core.errors import QuantfarmError
+from .policy import Policy, check_local_files, check_trust
+from .store import Store, migrate
+
+log = logging.getLogger("quantfarm.worker")
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Ask the kernel for SIGTERM when the parent goes; exit at once if it is already gone."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        except (OSError, AttributeError) as e:         # no prctl: the parent-pid checks still hold
+            log.warning("cannot ask to die with the parent (%s); watching its pid instead", e)
+    if os.getppid() != parent_pid:
+        log.warning("parent %d is gone before the worker started; exiting", parent_pid)
+        os._exit(1)
+
+
+def orphaned(parent_pid: int | None) -> bool:
+    return parent_pid is not None and os.getppid() != parent_pid
+
+
+class Heartbeat(threading.Thread):
+    """Renews the lease every third of it. Orphaned (serve gone), it stops renewing, so the lease runs out,
+    and exits the process if the job has not stopped two beats later: within one lease period."""
+
+    def __init__(self, store: Store, job_id: str, worker: str, parent_pid: int | None = None,
+                 device: str = "cpu"):
+        super().__init__(daemon=True)
+        self.store, self.job_id, self.worker, self.parent_pid = store, job_id, worker, parent_pid
+        self.device = device
+        self.lost = self.cancel = self.orphan = False
+        self._stop_event = threading.Event()
+
+    def run(self):
+        beats_orphaned = 0
+        while not self._stop_event.wait(self.store.lease_seconds / 3):
+            if orphaned(self.parent_pid):
+                self.orphan = True
+                beats_orphaned += 1
+                if beats_orphaned >= 2:
+                    log.warning("serve is gone and job %s did not stop; exiting", self.job_id)
+                    os._exit(1)
+                continue
+            try:
+                ours, self.cancel = self.store.heartbeat(self.job_id, self.worker)
+                self.lost = self.lost or not ours
+                self.store.worker_seen(self.worker, self.device, device_memory_gb(self.device))
+            except Exception as e:          # a database hiccup: the lease covers a few missed beats
+                log.warning("heartbeat for %s failed: %s", self.job_id, e)
+
+    def stop(self):
+        self._stop_event.set()
+
+
+def device_memory_gb(device: str) -> float:
+    """What a job may use on this worker's device: the GPU's memory, or on CPU the host's."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory / 2 ** 30
+    return host_memory_gb()
+
+
+def host_memory_gb() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+
+
+def run_job(store: Store, job: dict, worker: str, home: Path, device: str, policy: Policy = Policy(),
+            stopping: threading.Event | None = None, parent_pid: int | None = None) -> str:
+    """Run one claimed job to its end; returns the final state ("lost" if another worker owns it,
+    "released" if this worker was asked to stop and handed it back to the queue)."""
+    job_id = job["id"]
+    stopping = stopping or threading.Event()
+    try:
+        spec = JobSpec.model_validate(job["spec"])
+        check_trust(spec, policy, admin=True)       # the API let only admins ask; this worker must allow it too
+        check_local_files(spec, policy)
+    except (QuantfarmError, ValueError) as e:
+        store.finish(job_id, worker, "failed", error=f"this worker refuses the job: {e}")
+        return "failed"
+    out, state_dir = home / "artifacts" / job_id, home / "state" / job_id
+    beat = Heartbeat(store, job_id, worker, parent_pid, device)
+    beat.start()
+
+    def on_step(step):
+        store.progress(job_id, worker, step=step)
+        store.add_event(job_id, "step", step)
+
+    def on_layer(rep, total):
+        store.progress(job_id, worker, layers_done=rep.index + 1, layers_total=total)
+        store.add_event(job_id, "layer", f"layer {rep.index + 1}/{total} in {rep.seconds:.1f} s",
+                        {"done": rep.index + 1, "total": total, "seconds": round(rep.seconds, 3)})
+
+    def should_stop():
+        return beat.cancel or beat.lost or beat.orphan or stopping.is_set()
+
+    if job["attempt"] > 1:
+        store.add_event(job_id, "log", f"attempt {job['attempt']}: resuming from the per-layer state in {state_dir}")
+    try:
+        result = pipeline.run(spec, out, device=device, state_dir=state_dir, overwrite=True,
+                              cache_dir=home / "baselines", on_step=on_step,
+                              on_layer=on_layer, should_stop=should_stop, model_roots=list(policy.model_roots))
+    except Cancelled:
+        if beat.lost:
+            return "lost"
+        if not beat.cancel:                 # this worker is stopping: the job goes on elsewhere
+            store.release(job_id, worker)
+            return "released"
+        store.finish(job_id, worker, "cancelled")
+        return "cancelled"
+    except QuantfarmError as e:
+        store.finish(job_id, worker, "failed", error=str(e))
+        return "failed"
+    except Exception as e:
+        store.add_event(job_id, "log", traceback.format_exc())
+        store.finish(job_id, worker, "failed", error=f"internal error ({type(e).__name__}: {e}); the traceback is "
+                                                     f"in GET /v1/jobs/{job_id}/logs; retry with POST .../retry")
+        return "failed"
+    finally:
+        beat.stop()
+    if beat.lost:
+        return "lost"
+    state, error, recovery = "succeeded", pipeline.quality_failure(spec.min_recovery, result.evaluation), result.recovery
+    if error:
+        state, error = "failed_quality", f"{error}; the artifact is kept at {result.artifact} for inspection and is not published"
+    summary = {"artifact": result.artifact, "revision": result.revision, "recipe_key": result.recipe_key,
+               "calibration_hash": result.calibration_hash, "seconds": result.seconds,
+               "size_before_bytes": result.size_before_bytes, "size_after_bytes": result.size_after_bytes,
+               "perplexity": result.perplexity, "recovery": recovery,
+               "recovery_basis": result.evaluation.get("recovery_basis"), "warnings": result.warnings}
+    store.finish(job_id, worker, state, error=error, result=summary,
+                 artifact={"path": result.artifact, "format": spec.format, "size_bytes": result.size_after_bytes,
+                           "published": state == "succeeded"})
+    shutil.rmtree(state_dir, ignore_errors=True)
+    return state
+
+
+def work(db_url: str, home: Path, device: str = "cpu", lease_seconds: float = 30.0, poll_seconds: float = 0.5,
+         max_jobs: int | None = None, policy: Policy = Policy(), parent_pid: int | None = None):
+    """Claim and run jobs until SIGTERM/SIGINT, the parent `serve` (parent_pid) is gone, or `max_jobs` jobs."""
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.set())
+    if parent_pid is not None:
+        die_with_parent(parent_pid)
+    store = Store(db_url, lease_seconds)
+    migrate(store.engine)
+    worker = f"{socket.gethostname()}:{os.getpid()}:{device}"
+    memory = device_memory_gb(device)
+    log.info("worker %s (%.0f GB) polling %s", worker, memory, db_url.split("@")[-1])
+    done, seen = 0, 0.0
+    try:
+        while not stopping.is_set() and (max_jobs is None or done < max_jobs):
+            if orphaned(parent_pid):
+                log.warning("serve (pid %d) is gone; worker %s exits", parent_pid, worker)
+                break
+            if time.time() - seen > lease_seconds / 3:       # the API refuses jobs no live worker can hold
+                store.worker_seen(worker, device, memory)
+                seen = time.time()
+            job = store.claim(worker, memory)
+            if job is None:
+                stopping.wait(poll_seconds)
+                continue
+            log.info("job %s: %s", job["id"], run_job(store, job, worker, home, device, policy, stopping,
+                                                      parent_pid))
+            done += 1
+    finally:
+        try:
+            store.worker_gone(worker)
+        except Exception as e:
+            log.warning("could not sign off %s: %s", worker, e)

@@ -1,0 +1,116 @@
+"""JobSpec: the one description of a quantization request, used by the CLI, the API, the workers and
+the store. Its canonical JSON, hashed with the pinned model revision, is the
+recipe key: the same key means the same artifact."""
+import hashlib
+import itertools
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from evaluation.suite import PATH_MAX, Evaluation
+from quantizers.algorithms import ALGORITHMS
+from quantizers.config import QuantConfig
+from quantizers.formats import FORMATS
+from quantizers.scheme import ActOrder, Scheme
+
+
+class Calibration(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    source: str = Field("auto", max_length=PATH_MAX,
+                        description="auto | c4 | wikitext2 | model | a .txt/.jsonl path | hf:NAME[:CONFIG[:SPLIT]]")
+    samples: int = Field(128, ge=1, le=100_000)
+    seq_len: int = Field(512, ge=16, le=131_072)
+    seed: int = Field(0, ge=0, le=2 ** 32 - 1)
+
+
+def _no_nul(value, where: str = ""):
+    """NUL characters are refused everywhere: no path, id or store column can hold one."""
+    if isinstance(value, str) and "\x00" in value:
+        raise ValueError(f"{where or 'a value'} contains a NUL character")
+    if isinstance(value, dict):
+        for k, v in itertools.islice(value.items(), 200):
+            _no_nul(k, where or "a field name")
+            _no_nul(v, f"{where}.{k}" if where else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value[:100]):
+            _no_nul(v, f"{where}[{i}]")
+
+
+class JobSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(..., min_length=1, max_length=300, examples=["smollm2-135m", "meta-llama/Llama-3.1-8B"])
+    revision: str | None = Field(None, max_length=256)
+    algorithm: Literal[tuple(ALGORITHMS)] = Field("gptq", description="how weights are quantized")
+    format: Literal[tuple(FORMATS)] = Field("gptq", description="how they are stored")
+    bits: Literal[2, 3, 4, 8] = 4
+    group_size: int = Field(128, ge=-1, le=65_536, description="columns per group, -1 for one group per row")
+    sym: bool | None = Field(None, description="symmetric grid; default true for gptq/rtn, false for awq")
+    act_order: ActOrder = Field(ActOrder.STATIC, description="GPTQ column order by descending Hessian diagonal: "
+                                "static (groups keep their natural columns: free at inference), dynamic (classic "
+                                "desc_act: non-monotonic g_idx), none")
+    true_sequential: bool = True
+    damp_percent: float = Field(0.01, ge=0.0, le=1.0)
+    keep: list[str] = Field([], max_length=64, description="module names (fnmatch patterns, e.g. "
+                            "'*.mlp.experts.*.down_proj') to leave in 16 bits on purpose")
+    calibration: Calibration = Calibration()
+    evaluation: Evaluation = Evaluation()
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    priority: int = Field(0, ge=-100, le=100, description="higher runs first")
+    publish: list[Literal["local"]] = Field(["local"], max_length=4, description="where a succeeded artifact is published; "
+                                            "the local artifact store is the only target so far")
+    min_recovery: float | None = Field(None, gt=0, le=2, description="quality gate: recovery (quantized / fp16 task "
+                                       "average, or fp16 / quantized perplexity for a suite without tasks) below this "
+                                       "ends the job failed_quality (artifact kept, not published)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_nul(cls, data):
+        _no_nul(data)
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gptq_flags(cls, data):
+        """GPTQ's historical desc_act/static_groups (specs stored before act_order) as one act_order."""
+        if isinstance(data, dict) and ("desc_act" in data or "static_groups" in data):
+            if "act_order" in data:
+                raise ValueError("give act_order, or the older desc_act/static_groups, not both")
+            data = dict(data)
+            data["act_order"] = ActOrder.of(bool(data.pop("desc_act", True)), bool(data.pop("static_groups", True)))
+        return data
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, v):
+        if v != -1 and v < 1:
+            raise ValueError("group_size must be -1 (one group per row) or a positive number of columns")
+        return v
+
+    @model_validator(mode="after")
+    def _algorithm_settings(self):
+        if self.algorithm == "awq" and self.sym:
+            raise ValueError("sym: AWQ quantizes with zero points; leave sym unset (or false) with algorithm awq")
+        return self
+
+    @property
+    def symmetric(self) -> bool:
+        return self.algorithm != "awq" if self.sym is None else self.sym
+
+    def quant_config(self) -> QuantConfig:
+        act = self.act_order if self.algorithm == "gptq" else ActOrder.NONE      # act-order is GPTQ's
+        return QuantConfig(algorithm=self.algorithm, scheme=Scheme(self.bits, self.group_size, self.symmetric, act),
+                           true_sequential=self.true_sequential, damp_percent=self.damp_percent,
+                           keep=tuple(self.keep))
+
+    def recipe(self, revision: str) -> dict:
+        """What determines the artifact: the spec less its evaluation, plus the pinned source."""
+        d = self.model_dump(exclude={"evaluation", "revision", "allow_pickle", "trust_remote_code", "priority",
+                                     "publish", "min_recovery"})
+        d["source_revision"] = revision
+        return d
+
+    def recipe_key(self, revision: str) -> str:
+        canon = json.dumps(self.recipe(revision), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canon.encode()).hexdigest()
