@@ -8,7 +8,7 @@ from torch import nn
 
 from . import gptq, moe
 from .config import QuantConfig
-from .layers import StepOptions, StopForward, input_groups, is_kept, layer_linears, run_layer
+from .layers import StepOptions, StopForward, input_groups, is_kept, layer_linears, run_layer, split_rows
 from .replay import Replay
 from .scheme import Scheme
 
@@ -73,17 +73,6 @@ def quantize_group(linears: list[nn.Linear], H: torch.Tensor, cfg: QuantConfig):
     W = torch.cat([m.weight.float() for m in linears])
     qw, stats = gptq.quantize_weight(W, H, cfg.scheme, cfg.damp_percent)
     return split_rows(linears, qw, {"loss": stats.loss, "rel_error": stats.rel_error, "damp": stats.damp})
-
-
-def split_rows(linears: list[nn.Linear], qw, info: dict):
-    """A stacked result cut back into its Linears, whose weights become the dequantized values."""
-    out, start = [], 0
-    for m in linears:
-        part = qw.rows(start, start + m.out_features)
-        m.weight.data = part.dequantize(m.weight.dtype)
-        out.append((part, info))
-        start += m.out_features
-    return out
 
 
 @torch.no_grad()

@@ -145,3 +145,12 @@ def layer_state(layer, prefix: str) -> dict[str, torch.Tensor]:
     return {f"{prefix}.{k}": v for k, v in layer.state_dict().items() if k not in lin}
 
 
+def split_rows(linears: list[nn.Linear], qw, info: dict):
+    """A stacked result cut back into its Linears, whose weights become the dequantized values."""
+    out, start = [], 0
+    for m in linears:
+        part = qw.rows(start, start + m.out_features)
+        m.weight.data = part.dequantize(m.weight.dtype)
+        out.append((part, info))
+        start += m.out_features
+    return out

@@ -3,8 +3,7 @@ import torch
 
 from . import rtn
 from .config import QuantConfig
-from .gptq_layer import split_rows
-from .layers import StepOptions, is_kept, layer_linears
+from .layers import StepOptions, is_kept, layer_linears, split_rows
 from .scheme import Scheme
 
 NEEDS_DATA = False
