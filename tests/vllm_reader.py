@@ -59,13 +59,16 @@ def _allow_amx():
 def load(jobs: list[dict], out: str):
     """Each artifact in this process; where this CPU's vLLM build lacks the W4A16 kernel (AVX2 only), each in a
     child forked from it: an engine that fails at its first forward leaves this process's parallel groups half
-    torn down, and every later engine would fail on them."""
+    torn down, and every later engine would fail on them. MoE artifacts always get a child of their own: vLLM
+    creates its expert-parallel group only with the first engine's parallel groups, so a MoE engine after a
+    dense one fails on the missing group."""
     _allow_amx()
     cpu = _cpu_kernels()
     results = {"__cpu__": cpu}
-    for job in jobs:
-        t0 = time.perf_counter()
-        results[job["name"]] = _load_one(job) if cpu["cpu_gemm_wna16"] else _forked(_load_one, job)
+    fresh = [j for j in jobs if j.get("moe") or not cpu["cpu_gemm_wna16"]]
+    for job in fresh + [j for j in jobs if j not in fresh]:   # every fork before the first engine here: a child
+        t0 = time.perf_counter()                                # forked from a process with engine threads hangs
+        results[job["name"]] = _forked(_load_one, job) if job in fresh else _load_one(job)
         results[job["name"]]["seconds"] = time.perf_counter() - t0         # engine created, used and deleted
         _write(out, results)
     _write(out, results)
@@ -123,7 +126,8 @@ def _cpu_kernels() -> dict:
 
     import vllm.platforms
     vllm.platforms.current_platform.import_kernels()
-    return {"cpu_gemm_wna16": hasattr(torch.ops._C, "cpu_gemm_wna16")}
+    return {"cpu_gemm_wna16": hasattr(torch.ops._C, "cpu_gemm_wna16"),
+            "amx": bool(torch.cpu._is_amx_tile_supported())}    # what vLLM CPU's int4 MoE experts need
 
 
 def _kernels_of(model) -> dict[str, str]:

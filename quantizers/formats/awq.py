@@ -91,7 +91,7 @@ class AWQ(Format):
         gpu = vllm.gpu("auto_awq", q, moe, ((4, True), (4, False)), fallback=(
             "Triton AWQ GEMM", f"vLLM (GPU): group size {q.group_size} has no Marlin kernel; it falls back to "
                                "AutoAWQLinearMethod (Triton AWQ GEMM)"))
-        cpu = vllm.cpu("awq", vllm.cpu_kernel_refusal(q, shapes) or vllm.cpu_moe_refusal(moe))
+        cpu = vllm.cpu("awq", vllm.cpu_kernel_refusal(q, shapes), moe)
         if moe:
             tf = vllm.transformers_moe_refusal("awq")
         else:

