@@ -3,6 +3,7 @@ block), then a scale searched per group of Linears sharing an input and folded i
 produced that input (a norm, found by tensor identity, or v -> o / up -> down), then clipping and
 quantization. awq.py holds the math, this file the model plumbing."""
 import copy
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -123,12 +124,17 @@ def search_dtype(name: str, device: torch.device) -> torch.dtype:
         return getattr(torch, name)
     if device.type == "cuda":
         return torch.bfloat16
+    return torch.bfloat16 if _cpu_has_amx() else torch.float32
+
+
+@functools.cache
+def _cpu_has_amx() -> bool:
+    """Read once per process (the step asks for every layer)."""
     try:
         with open("/proc/cpuinfo") as f:
-            amx = "amx_bf16" in f.read(1 << 16)
+            return "amx_bf16" in f.read(1 << 16)
     except OSError:
-        amx = False
-    return torch.bfloat16 if amx else torch.float32
+        return False
 
 
 def _cast(v, dtype):

@@ -101,7 +101,8 @@ class GPTQ(Format):
 
     def runtimes(self, q: Scheme, shapes, moe: bool) -> list[Verdict]:
         config = vllm.gptq_config_refusal(q)
-        ragged = ("AssertionError", vllm.ragged(q, shapes)) if vllm.ragged(q, shapes) else None
+        why_ragged = vllm.ragged(q, shapes)
+        ragged = ("AssertionError", why_ragged) if why_ragged else None
         gpu = vllm.gpu("auto_gptq", q, moe, ((4, True), (8, True)),
                        config or vllm.marlin_group_refusal(q) or ragged)
         cpu_marlin = ("Marlin does not support weight_bits = uint8b128", "vLLM CPU runs GPTQ 4-bit only") \
