@@ -42,3 +42,8 @@ class EvaluationError(QuantfarmError):
 
 class StorageError(QuantfarmError):
     """An output or store location cannot take what is to be written (not writable, too little space)."""
+
+
+class PublishError(StorageError):
+    """Copying a finished artifact to its publish target failed; the local artifact is kept and the
+    publish can be retried."""

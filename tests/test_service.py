@@ -15,7 +15,7 @@ import httpx
 import pytest
 from safetensors.torch import load_file
 
-from service.farm.store import Store, migrate
+from service.farm.store import TERMINAL, Store, migrate
 
 PG_URL = os.environ.get("QUANTFARM_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 TOKENS = {"admin": "adm-" + "x" * 20, "alice": "sub-" + "a" * 20, "bob": "sub-" + "b" * 20, "reader": "rd-" + "r" * 20}
@@ -86,7 +86,7 @@ class Server:
     def job(self, job_id: str) -> dict:
         return self.http.get(f"/v1/jobs/{job_id}", headers=auth("reader")).json()
 
-    def wait(self, job_id: str, until=lambda j: j["state"] in ("succeeded", "failed", "failed_quality", "cancelled"),
+    def wait(self, job_id: str, until=lambda j: j["state"] in TERMINAL,
              timeout: float = 300) -> dict:
         deadline = time.time() + timeout
         while time.time() < deadline:

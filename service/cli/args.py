@@ -36,8 +36,18 @@ class HelpWithDefaults(argparse.HelpFormatter):
 
 def spec_arguments(p):
     """The JobSpec settings, shared by `quantize` (runs here) and `submit` (runs on the farm)."""
+    model_arguments(p)
+    weight_arguments(p)
+    data_arguments(p)
+
+
+def model_arguments(p):
     p.add_argument("model", help="smollm2-135m (built-in demo), a Hugging Face id org/name, a local folder, or a .gguf file")
     p.add_argument("--revision", help="Hub branch, tag or commit (pinned to a commit sha)")
+
+
+def weight_arguments(p):
+    """What a variant of a release may set: how the weights are quantized and stored."""
     p.add_argument("--algorithm", default="gptq", choices=TableNames("algorithms"), help="how weights are quantized")
     p.add_argument("--format", default="gptq", choices=TableNames("formats"),
                    help="how they are stored (awq: 4-bit AWQ GEMM; compressed-tensors: pack-quantized, vLLM-native)")
@@ -61,6 +71,10 @@ def spec_arguments(p):
                    help="leave these decoder modules in 16 bits on purpose (fnmatch on full names, e.g. "
                         "'*.shared_expert.*'); repeatable. Without it a job fails if under 99%% of the "
                         "decoder layers' weight matrices can be quantized")
+
+
+def data_arguments(p):
+    """What every variant of a release shares: calibration, evaluation, the gate, trust."""
     p.add_argument("--calibration", default="auto",
                    help="auto | c4 | wikitext2 | model | FILE.txt | FILE.jsonl | hf:NAME[:CONFIG[:SPLIT]]")
     p.add_argument("--samples", type=int, default=None,
@@ -72,6 +86,10 @@ def spec_arguments(p):
     p.add_argument("--no-eval", dest="suite", action="store_const", const="none", help="same as --suite none")
     p.add_argument("--min-recovery", type=float,
                    help="quality gate: recovery below this fails the job (failed_quality; the artifact is kept)")
+    p.add_argument("--publish", action="append", metavar="TARGET",
+                   help="where a succeeded artifact also goes: hub[:ORG] (HF_TOKEN; QUANTFARM_HUB_ORG), or a URL "
+                        "(file:///abs/path, s3://bucket/prefix, gs://...); repeatable. On a server: local, hub or a "
+                        "target its administrator named")
     p.add_argument("--allow-pickle", action="store_true", help="accept pickle (.bin) weights")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run")
 
@@ -101,14 +119,20 @@ def evaluation_from_args(a) -> dict:
             "data_dir": a.data_dir, **_given(windows=a.eval_windows)}
 
 
+def shared_from_args(a) -> dict:
+    """The settings `data_arguments` read, as JobSpec/ReleaseSpec fields."""
+    return dict(model=a.model, revision=a.revision,
+                calibration={"source": a.calibration, "seq_len": a.seq_len, "seed": a.seed, **_given(samples=a.samples)},
+                evaluation=evaluation_from_args(a), min_recovery=a.min_recovery,
+                allow_pickle=a.allow_pickle, trust_remote_code=a.trust_remote_code,
+                **({"publish": a.publish} if a.publish else {}))
+
+
 def spec_from_args(a, **extra):
     from service.job.spec import JobSpec
-    return JobSpec(model=a.model, revision=a.revision, algorithm=a.algorithm, format=a.format, bits=a.bits,
-                   group_size=a.group_size, sym=a.sym, act_order=a.act_order, true_sequential=a.true_sequential, damp_percent=a.damp, keep=a.keep,
-                   calibration={"source": a.calibration, "seq_len": a.seq_len, "seed": a.seed,
-                                **_given(samples=a.samples)},
-                   evaluation=evaluation_from_args(a), min_recovery=a.min_recovery,
-                   allow_pickle=a.allow_pickle, trust_remote_code=a.trust_remote_code, **extra)
+    return JobSpec(algorithm=a.algorithm, format=a.format, bits=a.bits, group_size=a.group_size, sym=a.sym,
+                   act_order=a.act_order, true_sequential=a.true_sequential, damp_percent=a.damp, keep=a.keep,
+                   **shared_from_args(a), **extra)
 
 
 # Calibration samples and evaluation windows (of 512 tokens) when the user sets neither: the JobSpec's

@@ -65,6 +65,15 @@ class Client:
     def submit(self, spec: dict, force: bool = False) -> dict:
         return self._call("POST", "/v1/jobs", json=spec, params={"force": "true"} if force else None)
 
+    def post_release(self, spec: dict) -> dict:
+        return self._call("POST", "/v1/releases", json=spec)
+
+    def release(self, release_id: str) -> dict:
+        return self._call("GET", f"/v1/releases/{release_id}")
+
+    def releases(self, **params) -> dict:
+        return self._call("GET", "/v1/releases", params={k: v for k, v in params.items() if v is not None})
+
     def jobs(self, **params) -> dict:
         return self._call("GET", "/v1/jobs", params={k: v for k, v in params.items() if v is not None})
 
@@ -143,7 +152,7 @@ def add_parsers(sub, spec_arguments, spec_from_args):
     p.set_defaults(func=lambda a: cmd_submit(a, spec_from_args))
 
     p = sub.add_parser("jobs", help="list jobs on a quantfarm server, newest first", formatter_class=fmt)
-    p.add_argument("--state", help="only jobs in this state: queued, running, succeeded, failed, failed_quality, "
+    p.add_argument("--state", help="only jobs in this state: queued, running, succeeded, failed, failed_quality, publish_failed, "
                                    "cancelled")
     p.add_argument("--model", help="only jobs of this model")
     p.add_argument("--count", type=int, default=20, help="how many jobs to list (at most 500)")

@@ -34,7 +34,21 @@ def add_parsers(sub):
                    help="worker processes (default: one per visible GPU, else --cpu-slots; 0: API only)")
     p.add_argument("--cpu-slots", type=int, default=1, help="CPU workers when no GPU is visible")
     p.add_argument("--max-attempts", type=int, default=3, help="runs a job gets before a lost worker fails it")
+    p.add_argument("--schedule", type=Path, metavar="BATCH.yaml", help="run this batch file on --cron (nightly "
+                   "re-quantization); several serve processes on one store run each firing once")
+    p.add_argument("--cron", default="0 2 * * *", help="when --schedule fires (cron, UTC; a sixth field is seconds)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("batch", help="nightly batches: run a batch file now, or show runs", formatter_class=fmt)
+    bsub = p.add_subparsers(dest="batch_command", required=True)
+    r = bsub.add_parser("run", help="pin every model's current revision and build what is not built yet",
+                        formatter_class=fmt)
+    r.add_argument("file", type=Path, help="batch YAML: name, models (model, track, preset|variants), preset|variants, "
+                                           "calibration, evaluation, publish, gate (min_recovery, max_regression)")
+    _common(r)
+    r.add_argument("--wait", action="store_true", help="wait for every job and print the night report")
+    r.add_argument("--json", action="store_true", help="print the report as JSON")
+    r.set_defaults(func=cmd_batch_run)
 
     p = sub.add_parser("worker", help="run workers against a (shared) job store", formatter_class=fmt)
     _common(p)
@@ -72,7 +86,7 @@ def cmd_serve(a) -> int:
     tokens = a.tokens or ensure_tokens_file(home)
     commands = worker_commands(a, home, db)
     app = create_app(FarmSettings(db, home, Auth.from_file(tokens), a.lease, a.max_attempts, policy.from_args(a),
-                              largest_worker_gb(len(commands))))
+                                  largest_worker_gb(len(commands)), a.schedule, a.cron if a.schedule else None))
     # uvicorn re-raises the signal that stopped it once it has shut down: with Python's default SIGTERM
     # action the process would die there and never reach `finally`; this makes it an exit that does
     signal.signal(signal.SIGTERM, _exit_on)
@@ -87,3 +101,24 @@ def cmd_serve(a) -> int:
     finally:
         sup.stop()
     return 0
+
+
+def cmd_batch_run(a) -> int:
+    """Submit the batch to the farm's store (as serve's scheduler would, admin rights, the policy given
+    here); the farm's workers build it."""
+    import json
+
+    from service.farm import admission, batch
+    from service.farm.store import Store, migrate
+    home = a.home or default_home()
+    store = Store(a.db or default_db(home), a.lease)
+    migrate(store.engine)
+    pol = policy.from_args(a)
+    spec = batch.load(a.file)
+    run = batch.start(store, spec, pin=lambda rs: admission.pin(rs, admin=True, policy=pol),
+                      admit=lambda job, src: admission.admit(job, admin=True, policy=pol,
+                                                             artifact_root=home / "artifacts",
+                                                             worker_memory_gb=None, src=src))
+    rep = batch.wait(store, run, home) if a.wait else batch.report(store, run)
+    print(json.dumps(rep, indent=2) if a.json else batch.markdown(rep))
+    return 0 if rep["counts"]["failed"] == 0 or not a.wait else 3

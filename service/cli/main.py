@@ -22,43 +22,55 @@ def _quantize_parser(sub):
     p.set_defaults(func=cmd_quantize)
 
 
-def cmd_quantize(a) -> int:
-    from tqdm import tqdm
+class Progress:
+    """Step lines and a per-layer bar on stderr, for runs in this process."""
 
+    def __init__(self):
+        self.bar = None
+
+    def on_step(self, step):
+        if self.bar is not None:
+            self.bar.clear()          # a step line never runs into the progress bar
+        print(f"[quantfarm] {step}", file=sys.stderr, flush=True)
+
+    def on_layer(self, rep, total):
+        from tqdm import tqdm
+        if self.bar is None or self.bar.total != total or self.bar.n >= total:
+            self.bar = tqdm(total=total, initial=rep.index, desc="layers", unit="layer", file=sys.stderr)
+        worst = max((m.get("rel_error", 0.0) for m in rep.modules.values()), default=0.0)
+        self.bar.set_postfix_str(f"{rep.seconds:.1f}s, worst rel err {worst:.2e}")
+        self.bar.update(1)
+        if self.bar.n >= total:
+            self.bar.close()
+
+    @property
+    def layers_done(self) -> int:
+        return self.bar.n if self.bar is not None else 0
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def cmd_quantize(a) -> int:
     from service.job import pipeline
+    from service.job.spec import local_targets
 
     sizing = size_for_device(a, pipeline.pick_device(a.device))
     spec = spec_from_args(a)
-    bar = None
-
-    def on_step(step):
-        if bar is not None:
-            bar.clear()          # a step line never runs into the progress bar
-        print(f"[quantfarm] {step}", file=sys.stderr, flush=True)
-
-    def on_layer(rep, total):
-        nonlocal bar
-        if bar is None:
-            bar = tqdm(total=total, initial=rep.index, desc="layers", unit="layer", file=sys.stderr)
-        worst = max((m.get("rel_error", 0.0) for m in rep.modules.values()), default=0.0)
-        bar.set_postfix_str(f"{rep.seconds:.1f}s, worst rel err {worst:.2e}")
-        bar.update(1)
-        if bar.n >= total:
-            bar.close()
-
+    local_targets(spec.publish)                       # an unknown target fails now, not after the work
+    progress = Progress()
     try:
         r = pipeline.run(spec, a.out, device=a.device, state_dir=a.state_dir, overwrite=a.overwrite,
-                         cache_dir=baseline_cache(a), on_step=on_step, on_layer=on_layer)
+                         cache_dir=baseline_cache(a), on_step=progress.on_step, on_layer=progress.on_layer)
     except KeyboardInterrupt:
-        if bar is not None:
-            bar.close()
-        done = bar.n if bar is not None else 0
+        progress.close()
+        done = progress.layers_done
         hint = (f"rerun the same command to resume from the {done} finished layers in {a.state_dir}" if a.state_dir
                 else "nothing was kept; with --state-dir DIR finished layers are saved and a rerun resumes")
         print(f"\nquantfarm: interrupted; {hint}", file=sys.stderr)
         return 130
-    if bar is not None:
-        bar.close()
+    progress.close()
     mb = 2 ** 20
     print(f"\nartifact     {r.artifact}")
     print(f"model        {r.model} @ {r.revision}")
@@ -84,7 +96,43 @@ def cmd_quantize(a) -> int:
     if r.evaluation:
         print()
         print(report_text(r.evaluation))
-    return gate_exit(spec.min_recovery, r.evaluation)
+    return gate_exit(spec.min_recovery, r.evaluation) or publish_exit(r.artifact, spec)
+
+
+def publish_exit(folder, spec) -> int:
+    """Publish a finished artifact to the spec's targets; 4 when one fails (the artifact stays here)."""
+    from service.job.spec import local_targets
+    from service.job.publish import publish_each
+    targets = local_targets(spec.publish)
+    records, pending, why = publish_each(folder, spec, targets)
+    for rec in records:
+        print(f"published    {rec['entry']}: {rec['url']}" + (f" (commit {rec['commit']})" if rec.get("commit") else ""))
+    if why:
+        again = " ".join(f"--to {e}" for e in pending)
+        print(f"quantfarm: {why}\nthe artifact is kept at {folder}; publish it with `quantfarm publish {folder} {again}`",
+              file=sys.stderr)
+        return 4
+    return 0
+
+
+def _publish_parser(sub):
+    p = sub.add_parser("publish", help="publish a finished artifact (again) without quantizing", formatter_class=HelpWithDefaults)
+    p.add_argument("artifact", help="an artifact folder written by quantfarm")
+    p.add_argument("--to", action="append", required=True, metavar="TARGET",
+                   help="hub[:ORG] or a URL (file:///abs/path, s3://bucket/prefix, gs://...); repeatable")
+    p.add_argument("--name", help="the published name (default: the job's, e.g. gptq-w4-g128)")
+    p.set_defaults(func=cmd_publish)
+
+
+def cmd_publish(a) -> int:
+    from core.errors import ArtifactError
+    from evaluation import report
+    from service.job.spec import JobSpec
+    spec = (report.read(a.artifact) or {}).get("spec")
+    if not spec:
+        raise ArtifactError(f"{a.artifact} has no report.json with its job's settings; only artifacts quantfarm "
+                            "wrote can be published")
+    return publish_exit(a.artifact, JobSpec.model_validate({**spec, "publish": a.to, **({"name": a.name} if a.name else {})}))
 
 
 def baseline_cache(a):
@@ -188,8 +236,10 @@ def main(argv=None) -> int:
     _quantize_parser(sub)
     _inspect_parser(sub)
     _eval_parser(sub)
-    from . import client, farm
+    _publish_parser(sub)
+    from . import client, farm, release
     farm.add_parsers(sub)
+    release.add_parsers(sub)
     client.add_parsers(sub, spec_arguments, spec_from_args)
     a = parser.parse_args(argv)
     try:

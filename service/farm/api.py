@@ -20,7 +20,7 @@ from pathlib import Path
 from fastapi import Depends, FastAPI, Header, Query, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from pydantic import BaseModel
@@ -28,9 +28,11 @@ from sqlalchemy.exc import OperationalError
 from starlette.concurrency import run_in_threadpool
 
 from service.job import storage
+from evaluation import release_report
+from service.job.release import ReleaseSpec
 from service.job.spec import JobSpec
 
-from . import admission
+from . import admission, batch, releases
 from .auth import Auth, AuthError, Forbidden, Principal
 from core.errors import (ArtifactError, NotImplementedFeature, QuantfarmError, QuantizationError, SpecError, StorageError,
                          UnsafeModelError)
@@ -83,6 +85,8 @@ class FarmSettings:
     max_attempts: int = 3
     policy: Policy = field(default_factory=Policy)
     worker_memory_gb: float | None = None      # the largest local worker's budget (the store knows the others)
+    schedule: Path | None = None               # a batch file fired on `cron` (serve --schedule/--cron)
+    cron: str | None = None
 
 
 # ---- documented response bodies ------------------------------------------------------------------
@@ -268,13 +272,19 @@ def _metrics_registry(store: Store) -> CollectorRegistry:
             for s in STATES:
                 jobs.add_metric([s], counts.get(s, 0))
             yield jobs
-            yield CounterMetricFamily("quantfarm_job_failures", "jobs that ended failed or failed_quality",
-                                      value=counts.get("failed", 0) + counts.get("failed_quality", 0))
+            yield CounterMetricFamily("quantfarm_job_failures", "jobs that ended failed, failed_quality or publish_failed",
+                                      value=sum(counts.get(s, 0) for s in ("failed", "failed_quality", "publish_failed")))
             durations = store.durations()
             bounds = [10, 30, 60, 300, 900, 1800, 3600, 4 * 3600, float("inf")]
             buckets = [(str(b) if b != float("inf") else "+Inf", sum(d <= b for d in durations)) for b in bounds]
             yield HistogramMetricFamily("quantfarm_job_duration_seconds", "wall time of succeeded jobs",
                                         buckets=buckets, sum_value=sum(durations))
+            t = batch.totals(store)
+            for name, what in (("runs", "finished batch runs"), ("built", "variants built by batch runs"),
+                               ("skipped", "variants batch runs found built for the same revision"),
+                               ("failed", "variants (or models) batch runs could not build or publish"),
+                               ("regressed", "variants whose recovery fell past the gate against the previous release")):
+                yield CounterMetricFamily(f"quantfarm_batch_{name}", what, value=t[name])
 
     reg = CollectorRegistry()
     reg.register(Collector())
@@ -344,11 +354,23 @@ def create_app(settings: FarmSettings) -> FastAPI:
     artifact_root = settings.home / "artifacts"
     threading.Thread(target=admission.warm_up, daemon=True, name="warm-up").start()
 
+    scheduler = None
+    if settings.schedule is not None:
+        scheduler = batch.Scheduler(store, settings.schedule, settings.cron or "0 2 * * *", home=settings.home,
+                                    pin=lambda rs: admission.pin(rs, admin=True, policy=settings.policy),
+                                    admit=lambda job, src: admission.admit(
+                                        job, admin=True, policy=settings.policy, artifact_root=artifact_root,
+                                        worker_memory_gb=largest_worker_gb(), src=src))
+
     @asynccontextmanager
     async def lifespan(_app):
         task = asyncio.create_task(feed.run())
+        if scheduler is not None:
+            scheduler.start()
         yield
         task.cancel()
+        if scheduler is not None:
+            scheduler.stop()
 
     app = FastAPI(title="quantfarm", version="1", description=__doc__, lifespan=lifespan,
                   docs_url=None, redoc_url=None, openapi_url=None)
@@ -518,7 +540,7 @@ def create_app(settings: FarmSettings) -> FastAPI:
     def retry(job_id: str, who: Principal = Depends(role("submit"))):
         job = get_job(job_id)
         owner_or_admin(job, who)
-        if job["state"] not in ("failed", "failed_quality", "cancelled"):
+        if job["state"] not in ("failed", "failed_quality", "publish_failed", "cancelled"):
             raise Conflict(f"job {job['id']} is {job['state']}; only failed or cancelled jobs can be retried")
         return job_view(store.retry(job["id"]), store)
 
@@ -531,6 +553,69 @@ def create_app(settings: FarmSettings) -> FastAPI:
             return JSONResponse(json.loads(path.read_text()))
         except (AttributeError, OSError, ValueError):
             raise NotFound(f"job {job['id']} has no report yet (state {job['state']})") from None
+
+    # ---- releases
+
+    def admit(spec, src, who: Principal):
+        return admission.admit(spec, admin=who.can("admin"), policy=settings.policy, artifact_root=artifact_root,
+                               worker_memory_gb=largest_worker_gb(), src=src)
+
+    def get_release(release_id: str) -> dict:
+        view = releases.get(store, release_id) if len(release_id) <= 64 else None
+        if view is None:
+            raise NotFound(f"no release {_shown(release_id)}")
+        return view
+
+    @app.post("/v1/releases", tags=["releases"], status_code=201, responses=errors(503, 507))
+    def submit_release(spec: ReleaseSpec, who: Principal = Depends(role("submit"))):
+        """Queue every variant of a release (a preset or a list) once all pass the checks a single job
+        passes; a variant whose recipe was built before links that job instead of queueing a new one.
+        The source is pinned once, so every variant is of the same revision."""
+        return releases.submit(store, spec, pin=lambda rs: admission.pin(rs, admin=who.can("admin"),
+                                                                         policy=settings.policy),
+                               admit=lambda job, src: admit(job, src, who), submitted_by=who.name,
+                               max_attempts=settings.max_attempts)
+
+    @app.get("/v1/releases", tags=["releases"], responses=errors())
+    def list_releases(model: str | None = Query(None, max_length=300), limit: int = Query(20, ge=1, le=200),
+                      offset: int = Query(0, ge=0, le=10 ** 9), _=Depends(role("read"))):
+        rows, total = releases.list_(store, model, limit, offset)
+        return {"releases": rows, "total": total, "limit": limit, "offset": offset}
+
+    @app.get("/v1/releases/{release_id}", tags=["releases"], responses=errors(404))
+    def release(release_id: str, _=Depends(role("read"))):
+        """The release's state and one row per variant: size, bits per weight, perplexity, KLD, recovery and
+        the runtimes that load it (from each finished variant's report)."""
+        return get_release(release_id)
+
+    @app.get("/v1/releases/{release_id}/README.md", tags=["releases"], response_class=PlainTextResponse,
+             responses=errors(404))
+    def release_readme(release_id: str, _=Depends(role("read"))):
+        return PlainTextResponse(release_report.readme(get_release(release_id)), media_type="text/markdown")
+
+    @app.get("/v1/releases/{release_id}/index.html", tags=["releases"], response_class=HTMLResponse,
+             responses=errors(404))
+    def release_page(release_id: str, _=Depends(role("read"))):
+        return HTMLResponse(release_report.html_page(get_release(release_id)))
+
+    # ---- batch runs
+
+    @app.get("/v1/batches", tags=["batches"], responses=errors())
+    def list_batches(batch_name: str | None = Query(None, alias="batch", max_length=200),
+                     limit: int = Query(20, ge=1, le=200), offset: int = Query(0, ge=0, le=10 ** 9),
+                     _=Depends(role("read"))):
+        """Nightly batch runs, newest first, with their counts (built, skipped, failed, regressed) once done."""
+        rows, total = batch.list_runs(store, batch_name, limit, offset)
+        return {"runs": rows, "total": total, "limit": limit, "offset": offset}
+
+    @app.get("/v1/batches/{run_id}", tags=["batches"], responses=errors(404))
+    def batch_run(run_id: str, _=Depends(role("read"))):
+        """A run's night report: per model, new revision or unchanged; per variant, recovery against the
+        model's previous release (regressions flagged); failures with their reasons."""
+        rep = batch.finalize(store, run_id, settings.home) if len(run_id) <= 64 else None
+        if rep is None:
+            raise NotFound(f"no batch run {_shown(run_id)}")
+        return rep
 
     # ---- artifacts
 

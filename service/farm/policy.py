@@ -5,11 +5,12 @@ A submit token belongs to a colleague, a script or a leaked CI secret, so these 
 checks them before queueing and the worker again before running, with the same functions.
 """
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from .auth import Forbidden
-from core.errors import CalibrationError
+from core.errors import CalibrationError, SpecError
 
 NAMED_SOURCES = ("auto", "c4", "wikitext2", "model")
 
@@ -20,6 +21,7 @@ class Policy:
     allow_pickle: bool = False
     model_roots: tuple[Path, ...] = ()
     data_roots: tuple[Path, ...] = ()
+    publish_targets: tuple[tuple[str, str], ...] = ()     # (name, URL) the administrator set up
 
     def worker_args(self) -> list[str]:
         """The same policy as `quantfarm worker` arguments."""
@@ -28,13 +30,45 @@ class Policy:
             out += ["--model-root", str(r)]
         for r in self.data_roots:
             out += ["--data-root", str(r)]
+        for name, url in self.publish_targets:
+            out += ["--publish-target", f"{name}={url}"]
         return out
+
+    def publish_target(self, entry: str):
+        """The Target a job's publish entry names: local, hub (the server's account) or a name the
+        administrator set up (--publish-target NAME=URL). URLs and Hub orgs from a spec are refused: a
+        submitter does not choose where the server writes or with whose credentials."""
+        from service.job.publish import HubSettings, parse_target
+        named = dict(self.publish_targets)
+        if entry in named:
+            return parse_target(named[entry], allow_urls=True)
+        if "://" in entry or entry.startswith("hub:"):
+            parse_target(entry, allow_urls=False)      # a URL or a Hub org: refused with its own reason
+        if entry not in ("local", "hub"):
+            known = ", ".join(["local", "hub", *named])
+            raise SpecError(f"publish target {entry!r} is not one this server publishes to; use one of: {known}")
+        if entry == "hub" and not HubSettings.from_env().token:
+            raise SpecError("publish target 'hub': this server has no Hub token (HF_TOKEN) configured; ask the "
+                            "farm's administrator, or publish to local")
+        return parse_target(entry, allow_urls=False)
 
 
 def from_args(a) -> Policy:
+    targets = []
+    for t in a.publish_target or ():
+        name, sep, url = t.partition("=")
+        if not sep or not re.fullmatch(r"[a-z][a-z0-9_-]{0,31}", name) or name in ("local", "hub"):
+            raise SpecError(f"--publish-target {t!r}: give NAME=URL with a lower-case NAME other than local and hub")
+        from service.job.publish import parse_target
+        targets.append((name, str(parse_target(url, allow_urls=True))))
     return Policy(bool(a.allow_remote_code), bool(a.allow_pickle),
                   tuple(Path(r).expanduser().resolve() for r in a.model_root or ()),
-                  tuple(Path(r).expanduser().resolve() for r in a.data_root or ()))
+                  tuple(Path(r).expanduser().resolve() for r in a.data_root or ()), tuple(targets))
+
+
+def check_publish(spec, policy: Policy) -> list:
+    """The Targets of a JobSpec's or ReleaseSpec's publish list, each one this server allows."""
+    return [policy.publish_target(entry) for entry in spec.publish]
 
 
 def add_arguments(p):
@@ -48,6 +82,10 @@ def add_arguments(p):
     p.add_argument("--data-root", action="append", metavar="DIR",
                    help="a folder whose .txt/.jsonl calibration and evaluation files and task data jobs may name; "
                         "repeatable (default: none, only the named sources and the shared data folder)")
+    p.add_argument("--publish-target", action="append", metavar="NAME=URL",
+                   help="a destination jobs may name in `publish` (file:///..., s3://bucket/prefix, gs://...; "
+                        "credentials from the server's environment, e.g. AWS_*); repeatable. Jobs may always name "
+                        "local, and hub when HF_TOKEN and QUANTFARM_HUB_ORG are set")
 
 
 def check_trust(spec, policy: Policy, admin: bool) -> None:

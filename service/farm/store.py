@@ -5,7 +5,8 @@ Alembic migrations in service/migrations, applied by `migrate`. Every state chan
 conditional UPDATE (WHERE state = ... AND worker = ...), so concurrent workers and API processes
 never need row locks: whoever's update matches wins, the others see rowcount 0.
 
-    queued -> running -> succeeded | failed | failed_quality | cancelled
+    queued -> running -> succeeded | failed | failed_quality | publish_failed | cancelled
+    publish_failed --retry--> queued -> running (publishing only) -> succeeded | publish_failed
     running --lease expired--> queued (attempt + 1) or failed after max_attempts
 """
 import os
@@ -75,7 +76,40 @@ workers = Table(
     Column("seen_at", Float, nullable=False, index=True),
 )
 
-TERMINAL = ("succeeded", "failed", "failed_quality", "cancelled")
+batch_runs = Table(
+    "batch_runs", metadata,
+    Column("id", String(32), primary_key=True),
+    Column("batch", String(200), nullable=False),
+    Column("slot", String(64), nullable=False),
+    Column("state", String(20), nullable=False),
+    Column("started_at", Float, nullable=False),
+    Column("finished_at", Float),
+    Column("counts", JSON),
+    Column("report", JSON),
+)
+
+releases = Table(
+    "releases", metadata,
+    Column("id", String(32), primary_key=True),
+    Column("model", String(300), nullable=False, index=True),
+    Column("revision", String(100), nullable=False),
+    Column("spec", JSON, nullable=False),
+    Column("submitted_by", String(100)),
+    Column("batch_run", String(32), ForeignKey("batch_runs.id")),
+    Column("created_at", Float, nullable=False),
+)
+
+release_jobs = Table(
+    "release_jobs", metadata,
+    Column("release_id", String(32), ForeignKey("releases.id"), primary_key=True),
+    Column("variant", String(64), primary_key=True),
+    Column("position", Integer, nullable=False),
+    Column("job_id", String(32), ForeignKey("jobs.id"), nullable=False),
+    Column("note", Text),
+    Column("reused", Boolean, nullable=False),
+)
+
+TERMINAL = ("succeeded", "failed", "failed_quality", "publish_failed", "cancelled")
 STATES = ("queued", "running") + TERMINAL
 RESUBMITTABLE = ("failed", "cancelled")      # the same recipe submitted again makes a new job
 
@@ -352,10 +386,13 @@ class Store:
     def retry(self, job_id: str) -> dict | None:
         """A failed or cancelled job goes back to the queue with attempt + 1 (it resumes from its per-layer state)."""
         with self.engine.begin() as c:
-            if c.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.state.in_(("failed", "cancelled",
-                                                                                    "failed_quality"))).values(
+            if c.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.state.in_(("failed", "cancelled", "failed_quality",
+                                                                                    "publish_failed"))).values(
                     state="queued", error=None, cancel_requested=False, worker=None, finished_at=None,
                     attempt=jobs.c.attempt + 1, max_attempts=jobs.c.attempt + jobs.c.max_attempts)).rowcount:
                 self._event(c, job_id, "state", "queued", {"reason": "retry"})
         return self.get(job_id)
 
+    def mark_published(self, job_id: str) -> None:
+        with self.engine.begin() as c:
+            c.execute(update(artifacts).where(artifacts.c.job_id == job_id).values(published=True))

@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from quantizers.walk import Cancelled
-from service.job import pipeline
+from service.job import pipeline, publish
+from service.job.shared import Shared
 from service.job.spec import JobSpec
 
 from core.errors import QuantfarmError
@@ -98,21 +99,39 @@ def host_memory_gb() -> float:
 
 
 def run_job(store: Store, job: dict, worker: str, home: Path, device: str, policy: Policy = Policy(),
-            stopping: threading.Event | None = None, parent_pid: int | None = None) -> str:
+            stopping: threading.Event | None = None, parent_pid: int | None = None, shared: Shared | None = None) -> str:
     """Run one claimed job to its end; returns the final state ("lost" if another worker owns it,
-    "released" if this worker was asked to stop and handed it back to the queue)."""
+    "released" if this worker was asked to stop and handed it back to the queue). `shared`: the work
+    this worker already did for the same source (a release's earlier variants)."""
     job_id = job["id"]
     stopping = stopping or threading.Event()
     try:
         spec = JobSpec.model_validate(job["spec"])
         check_trust(spec, policy, admin=True)       # the API let only admins ask; this worker must allow it too
         check_local_files(spec, policy)
+        pending = (job.get("result") or {}).get("publish_pending")
+        targets = [(e, policy.publish_target(e)) for e in (spec.publish if pending is None else pending)]
     except (QuantfarmError, ValueError) as e:
         store.finish(job_id, worker, "failed", error=f"this worker refuses the job: {e}")
         return "failed"
-    out, state_dir = home / "artifacts" / job_id, home / "state" / job_id
     beat = Heartbeat(store, job_id, worker, parent_pid, device)
     beat.start()
+    try:
+        if pending:                                 # a retry after a failed publish: the artifact is made
+            state, error, summary = publish_to(store, job_id, spec, targets, job["result"])
+            if beat.lost:
+                return "lost"
+            if store.finish(job_id, worker, state, error=error, result=summary) and state == "succeeded":
+                store.mark_published(job_id)
+            return state
+        return _quantize(store, job, spec, targets, worker, home, device, policy, stopping, beat, shared)
+    finally:
+        beat.stop()
+
+
+def _quantize(store, job, spec, targets, worker, home, device, policy, stopping, beat, shared) -> str:
+    job_id = job["id"]
+    out, state_dir = home / "artifacts" / job_id, home / "state" / job_id
 
     def on_step(step):
         store.progress(job_id, worker, step=step)
@@ -131,7 +150,8 @@ def run_job(store: Store, job: dict, worker: str, home: Path, device: str, polic
     try:
         result = pipeline.run(spec, out, device=device, state_dir=state_dir, overwrite=True,
                               cache_dir=home / "baselines", on_step=on_step,
-                              on_layer=on_layer, should_stop=should_stop, model_roots=list(policy.model_roots))
+                              on_layer=on_layer, should_stop=should_stop, model_roots=list(policy.model_roots),
+                              shared=shared)
     except Cancelled:
         if beat.lost:
             return "lost"
@@ -148,8 +168,6 @@ def run_job(store: Store, job: dict, worker: str, home: Path, device: str, polic
         store.finish(job_id, worker, "failed", error=f"internal error ({type(e).__name__}: {e}); the traceback is "
                                                      f"in GET /v1/jobs/{job_id}/logs; retry with POST .../retry")
         return "failed"
-    finally:
-        beat.stop()
     if beat.lost:
         return "lost"
     state, error, recovery = "succeeded", pipeline.quality_failure(spec.min_recovery, result.evaluation), result.recovery
@@ -160,11 +178,27 @@ def run_job(store: Store, job: dict, worker: str, home: Path, device: str, polic
                "size_before_bytes": result.size_before_bytes, "size_after_bytes": result.size_after_bytes,
                "perplexity": result.perplexity, "recovery": recovery,
                "recovery_basis": result.evaluation.get("recovery_basis"), "warnings": result.warnings}
+    if state == "succeeded":                        # the quality gate decides what is published
+        state, error, summary = publish_to(store, job_id, spec, targets, summary)
     store.finish(job_id, worker, state, error=error, result=summary,
                  artifact={"path": result.artifact, "format": spec.format, "size_bytes": result.size_after_bytes,
                            "published": state == "succeeded"})
     shutil.rmtree(state_dir, ignore_errors=True)
     return state
+
+
+def publish_to(store: Store, job_id: str, spec: JobSpec, targets: list, summary: dict) -> tuple[str, str | None, dict]:
+    """Publish a finished artifact to each (entry, Target); returns (state, error, summary). A failure ends the
+    job publish_failed with the entries still to do in its result, so a retry publishes those and quantizes
+    nothing again."""
+    records, pending, why = publish.publish_each(summary["artifact"], spec, targets,
+                                                 on_start=lambda e: store.add_event(job_id, "step", f"publish {e}"))
+    for rec in records:
+        store.add_event(job_id, "log", f"published to {rec['entry']}: {rec['url']}", rec)
+    summary = {**summary, "published": [*(summary.get("published") or []), *records], "publish_pending": pending}
+    if why:
+        return "publish_failed", f"{why}; POST /v1/jobs/{job_id}/retry publishes again without quantizing", summary
+    return "succeeded", None, summary
 
 
 def work(db_url: str, home: Path, device: str = "cpu", lease_seconds: float = 30.0, poll_seconds: float = 0.5,
@@ -181,6 +215,7 @@ def work(db_url: str, home: Path, device: str = "cpu", lease_seconds: float = 30
     memory = device_memory_gb(device)
     log.info("worker %s (%.0f GB) polling %s", worker, memory, db_url.split("@")[-1])
     done, seen = 0, 0.0
+    shared, shared_for = Shared(), None
     try:
         while not stopping.is_set() and (max_jobs is None or done < max_jobs):
             if orphaned(parent_pid):
@@ -193,8 +228,11 @@ def work(db_url: str, home: Path, device: str = "cpu", lease_seconds: float = 30
             if job is None:
                 stopping.wait(poll_seconds)
                 continue
+            source = (job["model"], job["revision"])
+            if source != shared_for:             # keep what was shared for one source only: memory stays bounded
+                shared, shared_for = Shared(), source
             log.info("job %s: %s", job["id"], run_job(store, job, worker, home, device, policy, stopping,
-                                                      parent_pid))
+                                                      parent_pid, shared))
             done += 1
     finally:
         try:

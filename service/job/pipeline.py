@@ -4,6 +4,7 @@ The CLI's `quantize` and (later) the job workers both call `run`; the steps repo
 through callbacks so each front end shows it its own way.
 """
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -13,7 +14,7 @@ import torch
 from calibration import build_calibration, eval_tokens
 from calibration.data import resolve_eval_source
 from evaluation import report, suite
-from core.errors import ArtifactError, SpecError
+from core.errors import ArtifactError, ModelSourceError, SpecError
 from core.version import quantfarm_version
 from quantizers import artifact, estimates, moe
 from quantizers.algorithms import algorithm
@@ -23,6 +24,7 @@ from quantizers.walk import LayerReport, check_coverage, coverage, quantize_mode
 
 from . import preflight, storage
 from .models import load_model, resolve_model, source_card
+from .shared import Shared
 from .spec import JobSpec
 
 
@@ -58,6 +60,7 @@ class Result:
     settings: dict = field(default_factory=dict)          # what was used (the spec resolved), not what was asked
     bits_per_weight: dict = field(default_factory=dict)
     evaluation: dict = field(default_factory=dict)
+    reused: dict = field(default_factory=dict)            # work taken from a release's Shared, by kind
 
     @property
     def recovery(self) -> float | None:
@@ -120,10 +123,14 @@ def quality_failure(min_recovery: float | None, evaluation: dict) -> str | None:
 
 def run(spec: JobSpec, out_dir, *, device: str = "auto", state_dir=None, overwrite: bool = False, cache_dir=None,
         on_step: Callable[[str], None] = _noop, on_layer: Callable[[LayerReport, int], None] = _noop,
-        should_stop: Callable[[], bool] | None = None, model_roots: list | None = None) -> Result:
+        should_stop: Callable[[], bool] | None = None, model_roots: list | None = None,
+        shared: Shared | None = None) -> Result:
     """Run the whole job and return its summary; the artifact lands in `out_dir` with its report files.
     fp16 baselines are cached under `cache_dir` (None: not cached); `model_roots` (farm workers) confines
-    local models to those folders."""
+    local models to those folders; jobs given one `shared` (a release's variants) do the work that does
+    not depend on the weight settings once."""
+    shared = shared or Shared()
+    reused_before = Counter(shared.reused)
     times = {}
     t0 = time.perf_counter()
     dev = pick_device(device)
@@ -131,9 +138,15 @@ def run(spec: JobSpec, out_dir, *, device: str = "auto", state_dir=None, overwri
     storage.check_writable(out_dir)                                     # before anything is loaded
 
     on_step("resolve")
-    src = resolve_model(spec.model, spec.revision, allow_pickle=spec.allow_pickle,
-                        trust_remote_code=spec.trust_remote_code, local_roots=model_roots)
+    src = shared.get("resolve", (spec.model, spec.revision, spec.allow_pickle, spec.trust_remote_code,
+                                 tuple(map(str, model_roots or ()))),
+                     lambda: resolve_model(spec.model, spec.revision, allow_pickle=spec.allow_pickle,
+                                           trust_remote_code=spec.trust_remote_code, local_roots=model_roots))
     revision = src.revision or src.content_hash
+    if src.revision is None and spec.revision and spec.revision != src.content_hash:
+        raise ModelSourceError(f"{spec.model} was pinned at content hash {spec.revision[:16]}... when the job was "
+                               f"made, and its files now hash to {src.content_hash[:16]}...: the model changed since; "
+                               "submit it again to quantize what is there now")
     dtype = compute_dtype(dev)
     model, tokenizer = load_model(src, dtype=dtype)
     round_to_storage(model)
@@ -154,9 +167,10 @@ def run(spec: JobSpec, out_dir, *, device: str = "auto", state_dir=None, overwri
     if spec.evaluation.parts:
         on_step("evaluate fp16")
         t = time.perf_counter()
-        plan = suite.EvaluationPlan(spec.evaluation, spec.model, revision, dtype, dev,
-                          text_tokens=lambda: eval_tokens(spec.evaluation.text, tokenizer, model=model))
-        base = plan.baseline(suite.BaselineCache(cache_dir), lambda: (model.to(dev), tokenizer))
+        text = (revision, spec.evaluation.text, str(dtype))
+        plan = suite.EvaluationPlan(spec.evaluation, spec.model, revision, dtype, dev, text_tokens=lambda: shared.get(
+            "eval_text", text, lambda: eval_tokens(spec.evaluation.text, tokenizer, model=model)))
+        base = plan.baseline(shared.baseline_cache(cache_dir), lambda: (model.to(dev), tokenizer))
         model.to("cpu")                 # the walk streams layers to the device itself
         times["evaluate_fp16"] = time.perf_counter() - t
 
@@ -165,8 +179,9 @@ def run(spec: JobSpec, out_dir, *, device: str = "auto", state_dir=None, overwri
         on_step("calibrate")
         t = time.perf_counter()
         c = spec.calibration
-        calib = build_calibration(c.source, tokenizer, n_samples=c.samples, seq_len=c.seq_len, seed=c.seed,
-                                  model=model)
+        calib = shared.get("calibration", (revision, str(dtype), *c.model_dump().values()),
+                           lambda: build_calibration(c.source, tokenizer, n_samples=c.samples, seq_len=c.seq_len,
+                                                     seed=c.seed, model=model))
         times["calibrate"] = time.perf_counter() - t
 
     on_step("quantize")
@@ -216,7 +231,7 @@ def run(spec: JobSpec, out_dir, *, device: str = "auto", state_dir=None, overwri
                     perplexity=perplexity_summary(evaluation),
                     layers=[{"index": r.index, "seconds": r.seconds, "modules": r.modules} for r in reports],
                     warnings=notes, preflight=checks, coverage=cover, settings=used,
-                    bits_per_weight=bpw, evaluation=evaluation)
+                    bits_per_weight=bpw, evaluation=evaluation, reused=dict(shared.reused - reused_before))
     report.write(out, {"quantfarm": quantfarm_version(), "spec": spec.model_dump(), "source_card": source_card(src),
                        **asdict(result)})
     return result

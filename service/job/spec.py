@@ -4,6 +4,7 @@ recipe key: the same key means the same artifact."""
 import hashlib
 import itertools
 import json
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -37,6 +38,35 @@ def _no_nul(value, where: str = ""):
             _no_nul(v, f"{where}[{i}]")
 
 
+def settings_label(algorithm: str, fmt: str, bits: int, group_size: int, sym: bool | None) -> str:
+    """A name from the weight settings: gptq-w4-g128, gptq-compressed-tensors-w8-pc, rtn-gptq-w4-g64-asym."""
+    g = "pc" if group_size == -1 else f"g{group_size}"
+    fmt = "" if fmt == algorithm else f"{fmt}-"
+    return f"{algorithm}-{fmt}w{bits}-{g}" + ("-asym" if sym is False and algorithm != "awq" else "")
+
+
+TARGET_NAME = r"^[a-z][a-z0-9_-]{0,31}$"       # a destination a farm's administrator named (--publish-target)
+
+
+def check_targets(targets: list[str]) -> list[str]:
+    """Publish entries that parse: local, hub[:ORG], a URL, or the name of a server's target; whether a
+    server allows each is the farm's call, and a name means nothing outside a farm (`targets` there)."""
+    from core.errors import SpecError
+
+    from .publish import parse_target
+    try:
+        return [t if re.match(TARGET_NAME, t) and t not in ("local", "hub") else str(parse_target(t, allow_urls=True))
+                for t in targets]
+    except SpecError as e:
+        raise ValueError(str(e)) from None
+
+
+def local_targets(targets: list[str]) -> list:
+    """(entry, Target) for a run here: URLs and hub are fine, a farm's target names are not known here."""
+    from .publish import parse_target
+    return [(t, parse_target(t, allow_urls=True)) for t in targets]
+
+
 class JobSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str = Field(..., min_length=1, max_length=300, examples=["smollm2-135m", "meta-llama/Llama-3.1-8B"])
@@ -58,8 +88,12 @@ class JobSpec(BaseModel):
     allow_pickle: bool = False
     trust_remote_code: bool = False
     priority: int = Field(0, ge=-100, le=100, description="higher runs first")
-    publish: list[Literal["local"]] = Field(["local"], max_length=4, description="where a succeeded artifact is published; "
-                                            "the local artifact store is the only target so far")
+    publish: list[str] = Field(["local"], max_length=4, description="where a succeeded artifact is published: local "
+                               "(the artifact store), hub (the server's Hub account) or a target the server names; "
+                               "the CLI also takes URLs (file://, s3://, gs://)")
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+                             description="the artifact's published name (a release's variant name; default from the "
+                                         "settings, e.g. gptq-w4-g128)")
     min_recovery: float | None = Field(None, gt=0, le=2, description="quality gate: recovery (quantized / fp16 task "
                                        "average, or fp16 / quantized perplexity for a suite without tasks) below this "
                                        "ends the job failed_quality (artifact kept, not published)")
@@ -80,6 +114,11 @@ class JobSpec(BaseModel):
             data = dict(data)
             data["act_order"] = ActOrder.of(bool(data.pop("desc_act", True)), bool(data.pop("static_groups", True)))
         return data
+
+    @field_validator("publish")
+    @classmethod
+    def _targets(cls, v):
+        return check_targets(v)
 
     @field_validator("group_size")
     @classmethod
@@ -104,10 +143,14 @@ class JobSpec(BaseModel):
                            true_sequential=self.true_sequential, damp_percent=self.damp_percent,
                            keep=tuple(self.keep))
 
+    def label(self) -> str:
+        """The artifact's name where it is published."""
+        return self.name or settings_label(self.algorithm, self.format, self.bits, self.group_size, self.sym)
+
     def recipe(self, revision: str) -> dict:
         """What determines the artifact: the spec less its evaluation, plus the pinned source."""
         d = self.model_dump(exclude={"evaluation", "revision", "allow_pickle", "trust_remote_code", "priority",
-                                     "publish", "min_recovery"})
+                                     "publish", "min_recovery", "name"})
         d["source_revision"] = revision
         return d
 

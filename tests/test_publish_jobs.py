@@ -1,0 +1,121 @@
+"""Publishing as a step of a job: `quantize --publish`, `quantfarm publish` to retry, and on a real server
+(named targets only, a failed upload fails only that step, retry publishes without quantizing again).
+The S3 API is moto's standalone server on loopback (no S3 server can be installed here)."""
+import json
+import socket
+
+import pytest
+
+from service.cli.main import main
+from service.job.publish import MANIFEST, is_published
+from tiny import save_tiny
+
+QUICK = ["--calibration", "model", "--samples", "4", "--seq-len", "32", "--eval-text", "model", "--eval-windows", "2",
+         "--group-size", "32", "--device", "cpu"]
+SMALL = {"calibration": {"source": "model", "samples": 4, "seq_len": 32}, "group_size": 32,
+         "evaluation": {"text": "model", "windows": 2, "window_len": 32}}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return str(save_tiny(tmp_path_factory.mktemp("tiny") / "llama"))
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """A bucket-less S3 API on loopback; the environment points boto at it (as a server's would)."""
+    from moto.server import ThreadedMotoServer
+    srv = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    srv.start()
+    host, port = srv.get_host_and_port()
+    for k, v in {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x",
+                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    import s3fs
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield s3fs.S3FileSystem(skip_instance_cache=True)
+    srv.stop()
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_cli_quantize_publishes_and_retries(tiny_dir, tmp_path, monkeypatch, capsys):
+    shelf = tmp_path / "shelf"
+    out = tmp_path / "art"
+    assert main(["quantize", tiny_dir, *QUICK, "--out", str(out), "--publish", shelf.as_uri()]) == 0
+    assert "published    file://" in capsys.readouterr().out
+    manifest = is_published(f"{shelf.as_uri()}/gptq-w4-g32")
+    assert manifest and {f["path"] for f in manifest["files"]} >= {"config.json", "model.safetensors", "README.md"}
+    assert (shelf / "gptq-w4-g32" / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+    # an unreachable Hub: exit 4, the artifact kept, and `quantfarm publish` publishes it later
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    out2 = tmp_path / "art2"
+    assert main(["quantize", tiny_dir, *QUICK, "--out", str(out2), "--publish", "hub:acme"]) == 4
+    err = capsys.readouterr().err
+    assert "publishing to hub:acme failed" in err and f"kept at {out2}" in err and "quantfarm publish" in err
+    assert (out2 / "model.safetensors").is_file()
+    assert main(["publish", str(out2), "--to", shelf.as_uri(), "--name", "second"]) == 0
+    assert is_published(f"{shelf.as_uri()}/second")
+    assert main(["publish", str(tmp_path), "--to", shelf.as_uri()]) == 2           # not an artifact
+    assert main(["quantize", tiny_dir, *QUICK, "--out", str(tmp_path / "x"), "--publish", "ftp2://x/y"]) == 2
+
+
+def test_release_publishes_each_variant_to_s3(tiny_dir, tmp_path, s3):
+    s3.mkdir("models")
+    assert main(["release", tiny_dir, "--variants", "vllm", "--out", str(tmp_path / "rel"), "--device", "cpu",
+                 "--calibration", "model", "--samples", "4", "--seq-len", "32", "--eval-text", "model",
+                 "--eval-windows", "2", "--publish", "s3://models/tiny"]) == 0
+    s = json.loads((tmp_path / "rel" / "release.json").read_text())
+    for row in s["variants"]:
+        (rec,) = row["published"]
+        assert rec["url"] == f"s3://models/tiny/{row['variant']}"
+        assert is_published(rec["url"]), row["variant"]
+        assert s3.cat(f"models/tiny/{row['variant']}/model.safetensors") == \
+            (tmp_path / "rel" / row["variant"] / "model.safetensors").read_bytes()
+
+
+def test_farm_publishes_to_named_targets_only_and_retries_publishing(tiny_dir, tmp_path, s3, monkeypatch):
+    from test_service import Server, auth
+    shelf = tmp_path / "shelf"
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    srv = Server(tmp_path / "home", f"sqlite:///{tmp_path}/store.db", workers=1,
+                 args=("--model-root", tiny_dir, "--publish-target", f"shelf={shelf.as_uri()}",
+                       "--publish-target", "bucket=s3://late-bucket/farm"))
+    try:
+        def submit(**kw):
+            return srv.http.post("/v1/jobs", json={"model": tiny_dir, **SMALL, **kw}, headers=auth("alice"))
+
+        # destinations a submitter names are the administrator's: no URL, no Hub org, no hub without a token
+        for bad, why in ((shelf.as_uri(), "URLs are not accepted"), ("hub:evil", "not allowed here"),
+                         ("hub", "no Hub token"), ("elsewhere", "use one of: local, hub, shelf, bucket")):
+            r = submit(publish=[bad])
+            assert r.status_code == 422 and why in r.json()["detail"], (bad, r.text)
+        job = submit(publish=["local", "shelf"], name="tiny-g32").json()
+        job = srv.wait(job["id"])
+        assert job["state"] == "succeeded", job
+        assert is_published(f"{shelf.as_uri()}/tiny-g32") and job["artifacts"][0]["published"]
+        assert [p["entry"] for p in job["result"]["published"]] == ["shelf"]
+
+        # the bucket does not exist yet: the job ends publish_failed, its artifact kept and unpublished
+        job = srv.wait(submit(publish=["bucket"], bits=8).json()["id"])
+        assert job["state"] == "publish_failed", job
+        assert "POST /v1/jobs/" in job["error"] and "retry" in job["error"]
+        assert job["result"]["publish_pending"] == ["bucket"] and not job["artifacts"][0]["published"]
+        s3.mkdir("late-bucket")
+        r = srv.http.post(f"/v1/jobs/{job['id']}/retry", headers=auth("alice"))
+        assert r.status_code == 200, r.text
+        job = srv.wait(job["id"], until=lambda j: j["state"] not in ("queued", "running"))
+        assert job["state"] == "succeeded", job
+        assert job["artifacts"][0]["published"] and is_published("s3://late-bucket/farm/gptq-w8-g32")
+        events = srv.http.get(f"/v1/jobs/{job['id']}/logs", headers=auth("reader")).text
+        assert events.count("quantize") == 1            # the retry published; it did not quantize again
+        metrics = srv.http.get("/metrics", headers=auth("reader")).text
+        assert 'quantfarm_jobs{state="succeeded"} 2.0' in metrics
+    finally:
+        srv.close()
