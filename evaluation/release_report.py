@@ -26,8 +26,18 @@ def row(name: str, state: str, rep: dict | None, *, error: str | None = None, no
         kld_mean=(ev.get("kld") or {}).get("mean"), task_recovery=avg.get("recovery"),
         recovery=ev.get("recovery"), recovery_basis=ev.get("recovery_basis"),
         loads_in=[v["runtime"] for v in (rep.get("preflight") or {}).get("runtimes", []) if v["ok"]],
-        seconds=(rep.get("seconds") or {}).get("total"), reused=rep.get("reused") or {})
+        seconds=(rep.get("seconds") or {}).get("total"), reused=rep.get("reused") or {},
+        serving=_serving(rep.get("serving")))
     return out
+
+
+def _serving(part: dict | None) -> dict | None:
+    """A variant's serving figures for the table: decode tokens/s at batch 1 and the speed-ups against fp16."""
+    if not part or not part.get("speedup"):
+        return None
+    return {"device": part["device"], "cpu": part["cpu"], "decode_tok_s": part["models"]["quantized"]["decode_tok_s"]["1"],
+            "decode_speedup": part["speedup"]["decode_1"], "prefill_speedup": part["speedup"]["prefill_1"],
+            "weight_memory_ratio": part["speedup"]["weight_memory"]}
 
 
 def summary(release: dict, rows: list[dict]) -> dict:
@@ -44,14 +54,16 @@ def _f(x, fmt) -> str:
 
 
 def table(s: dict) -> list[list[str]]:
+    served = any(r.get("serving") for r in s["variants"])
     rows = [["variant", "state", "format", "bits", "group", "size", "bits/weight", "perplexity", "KLD", "recovery",
-             "loads in"]]
+             "loads in"] + (["vLLM decode (batch 1) vs fp16"] if served else [])]
     for r in s["variants"]:
-        ppl = r.get("perplexity")
+        ppl, sv = r.get("perplexity"), r.get("serving")
         rows.append([r["variant"], r["state"], r.get("format") or "", str(r.get("bits") or ""),
                      str(r.get("group_size") or ""), _mib(r.get("size_bytes")), _f(r.get("bits_per_weight"), ".2f"),
                      f"{ppl['quantized']:.3f} (fp16 {ppl['fp16']:.3f})" if ppl else "n/a",
-                     _f(r.get("kld_mean"), ".4f"), report.pct(r.get("recovery")), ", ".join(r.get("loads_in") or [])])
+                     _f(r.get("kld_mean"), ".4f"), report.pct(r.get("recovery")), ", ".join(r.get("loads_in") or [])]
+                    + ([f"{sv['decode_tok_s']:.1f} tok/s, {sv['decode_speedup']:.2f}x" if sv else "n/a"] if served else []))
     return rows
 
 
@@ -82,20 +94,26 @@ def readme(s: dict) -> str:
 
 
 def plot(s: dict) -> str | None:
-    """Size against recovery, one point per variant that has both: the trade-off at a glance."""
-    pts = [(r["size_bytes"] / 2 ** 20, 100 * r["recovery"], r["variant"]) for r in s["variants"]
-           if r.get("size_bytes") and r.get("recovery") is not None]
+    """Recovery against size and, where serving was measured, against vLLM decode speed-up: one point per
+    variant, the trade-off at a glance."""
+    pts = [r for r in s["variants"] if r.get("size_bytes") and r.get("recovery") is not None]
     if not pts:
         return None
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.scatter([p[0] for p in pts], [p[1] for p in pts])
-    for x, y, name in pts:
-        ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("artifact size (MiB)")
-    ax.set_ylabel("recovery (%)")
+    served = [r for r in pts if r.get("serving")]
+    fig, axes = plt.subplots(1, 2 if served else 1, figsize=(10 if served else 6, 3.5), squeeze=False)
+    panels = [(axes[0][0], pts, lambda r: r["size_bytes"] / 2 ** 20, "artifact size (MiB)")]
+    if served:
+        panels.append((axes[0][1], served, lambda r: r["serving"]["decode_speedup"],
+                       "vLLM decode speed-up vs fp16 (batch 1" + (", CPU)" if served[0]["serving"]["cpu"] else ")")))
+    for ax, rows, xof, xlabel in panels:
+        ax.scatter([xof(r) for r in rows], [100 * r["recovery"] for r in rows])
+        for r in rows:
+            ax.annotate(r["variant"], (xof(r), 100 * r["recovery"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("recovery (%)")
     png = report._png(fig)
     plt.close(fig)
     return png
@@ -109,7 +127,8 @@ def html_page(s: dict) -> str:
              "<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes(s)) + "</ul>"]
     png = plot(s)
     if png:
-        parts += ["<h2>Size against recovery</h2>", f'<img alt="size against recovery" src="data:image/png;base64,{png}">']
+        parts += ["<h2>Recovery against size and serving speed</h2>",
+                  f'<img alt="recovery against size and serving speed" src="data:image/png;base64,{png}">']
     style = ("body{font-family:sans-serif;max-width:70em;margin:2em auto}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:.2em .6em}img{max-width:100%}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from quantizers import artifact, formats
 from quantizers.scheme import Scheme
-from . import model_index
+from . import model_index, serving
 from .suite import Evaluation
 
 
@@ -149,6 +149,20 @@ def usage(report: dict, folder_name: str) -> list[str]:
     return out
 
 
+def serving_lines(part: dict | None) -> list[str]:
+    """Markdown: the vLLM inference performance section (nothing when serving was not measured)."""
+    if not part:
+        return []
+    if "error" in part:
+        return ["", "## vLLM inference performance", "", f"Not measured: {part['error']}"]
+    st = part["settings"]
+    return ["", "## vLLM inference performance", "",
+            f"{'**CPU numbers.** ' if part['cpu'] else ''}vLLM {part['vllm']} on {part['device']}, bfloat16 "
+            f"activations, {st['prompt_len']}-token prompts, {st['gen_len']} generated tokens, greedy; best of "
+            f"{st['repeats']} runs after a warm-up.", "", markdown_table(serving.rows(part)), "",
+            "Served with:", "", "```sh", part["serve_command"], "```"]
+
+
 def model_card(report: dict, folder_name: str = "path/to/this/folder") -> str:
     ev, s = report["evaluation"], report["spec"]
     name = label(report)
@@ -167,6 +181,7 @@ def model_card(report: dict, folder_name: str = "path/to/this/folder") -> str:
         lines += [f"KL divergence of next-token distributions, fp16 || quantized, on {ev['text']}:", "",
                   markdown_table(kld_rows(ev["kld"])), ""]
     lines += [f"- {n}" for n in notes(ev)]
+    lines += serving_lines(report.get("serving"))
     ver = ev["versions"]
     lines += ["", f"Evaluated with lm-eval {ver['lm_eval']}, transformers {ver['transformers']}, torch {ver['torch']}. "
               "All numbers, settings and versions are in `report.json`; plots in `report.html`.", "",
@@ -196,6 +211,30 @@ def _png(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     return base64.b64encode(buf.getvalue()).decode()
+
+
+def serving_plot(report: dict) -> str | None:
+    """Tokens/s of the fp16 model and the artifact in vLLM (base64 PNG), when serving was measured."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sv = report.get("serving") or {}
+    if not sv.get("speedup"):
+        return None
+    b = str(sv["settings"]["batch"])
+    keys = [("prefill_tok_s", "1"), ("prefill_tok_s", b), ("decode_tok_s", "1"), ("decode_tok_s", b)]
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    x = range(len(keys))
+    for off, who in ((-0.2, "fp16"), (0.2, "quantized")):
+        ax.bar([i + off for i in x], [sv["models"][who][k][n] for k, n in keys], 0.4, label=who)
+    ax.set_xticks(list(x), [f"{k.split('_')[0]}, batch {n}" for k, n in keys])
+    ax.set_yscale("log")
+    ax.set_ylabel("tokens/s")
+    ax.legend()
+    png = _png(fig)
+    plt.close(fig)
+    return png
 
 
 def plots(report: dict) -> list[tuple[str, str]]:
@@ -228,6 +267,10 @@ def plots(report: dict) -> list[tuple[str, str]]:
         out.append(("Per-layer quantization error (relative error of each Linear's output on calibration data)",
                     _png(fig)))
         plt.close(fig)
+    png = serving_plot(report)
+    if png:
+        sv = report["serving"]
+        out.append((f"vLLM serving speed ({'CPU' if sv['cpu'] else 'GPU'}: {sv['device']})", png))
     if ev.get("kld"):
         h = ev["kld"]["histogram"]
         fig, ax = plt.subplots(figsize=(7, 3.2))
@@ -259,6 +302,12 @@ def html_page(report: dict) -> str:
     if ev.get("kld"):
         parts += ["<h2>KL divergence</h2>", html_table(kld_rows(ev["kld"]))]
     parts += ["<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes(ev)) + "</ul>"]
+    sv = report.get("serving")
+    if sv and "error" not in sv:
+        parts += ["<h2>vLLM inference performance</h2>", f"<p>{html.escape(sv['note'])}.</p>",
+                  html_table(serving.rows(sv)), f"<pre>{html.escape(sv['serve_command'])}</pre>"]
+    elif sv:
+        parts += ["<h2>vLLM inference performance</h2>", f"<p>Not measured: {html.escape(sv['error'])}</p>"]
     for title, png in plots(report):
         parts += [f"<h2>{html.escape(title)}</h2>", f'<img alt="{html.escape(title)}" src="data:image/png;base64,{png}">']
     parts += ["<h2>Settings used</h2>", f"<pre>{html.escape(json.dumps(report.get('settings') or report['spec'], indent=1))}</pre>"]
@@ -271,8 +320,12 @@ def html_page(report: dict) -> str:
 
 
 def write(folder, report: dict) -> None:
-    """report.json always; README.md and report.html when the report has an evaluation."""
+    """report.json always; README.md and report.html when the report has an evaluation; serving.png (the
+    card's speed plot) when serving was measured."""
     artifact.add_file(folder, "report.json", json.dumps(report, indent=2) + "\n")
+    png = serving_plot(report)
+    if png:
+        artifact.add_file(folder, "serving.png", base64.b64decode(png))
     if report.get("evaluation") and report["evaluation"].get("rows"):
         artifact.add_file(folder, "README.md", model_card(report, Path(folder).name))
         artifact.add_file(folder, "report.html", html_page(report))

@@ -48,6 +48,8 @@ class Evaluation(BaseModel):
     data_dir: str | None = Field(None, max_length=PATH_MAX,
                                  description="folder with the task data; default the shared data folder")
     batch_size: int = Field(8, ge=1, le=512)
+    serving: bool = Field(False, description="also serve the artifact and the fp16 model in vLLM on the worker's "
+                                             "device and report memory, time to first token, prefill and decode speed")
 
     @field_validator("suite")
     @classmethod

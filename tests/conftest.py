@@ -112,7 +112,7 @@ def smol_quantized(smol, tmp_path_factory):
 # The README's main job (`make demo`), scaled down to seconds: run once through the CLI; tests that
 # change the artifact (eval, report) work on a copy.
 DEMO_ARGS = ["quantize", "smollm2-135m", "--group-size", "64", "--samples", "8", "--seq-len", "128",
-             "--eval-windows", "2"]
+             "--eval-windows", "2", "--serving"]       # serving: measured in vLLM CPU (tests/test_serving.py)
 
 
 @pytest.fixture(scope="session")

@@ -161,3 +161,22 @@ def test_release_over_http(tiny_dir, tmp_path, capsys):
         assert "state     succeeded" in shown and "g32" in shown and "w8" in shown
     finally:
         srv.close()
+
+
+@pytest.mark.slow
+def test_smollm2_release_shares_baseline_and_calibration(tmp_path):
+    """The real model: two GPTQ variants evaluate the fp16 model and build calibration once; the second
+    variant's job spends no time on either."""
+    rs = ReleaseSpec(model="smollm2-135m", variants=[{"name": "w4", "group_size": 64}, {"name": "w8", "bits": 8,
+                                                                                        "group_size": 64}],
+                     calibration={"samples": 4, "seq_len": 128}, evaluation={"windows": 2})
+    s = release.run(rs, tmp_path / "rel", device="cpu")
+    w4, w8 = s["variants"]
+    assert s["state"] == "succeeded" and s["shared"] == {"resolve": 2, "calibration": 1, "eval_text": 1, "baseline": 1}
+    reports = [json.loads((tmp_path / "rel" / n / "report.json").read_text()) for n in ("w4", "w8")]
+    assert "evaluate_fp16" in reports[0]["seconds"] and reports[0]["evaluation"]["baseline_cache"]["text"] == "miss"
+    assert reports[1]["evaluation"]["baseline_cache"]["text"] == "hit"
+    assert reports[0]["calibration_hash"] == reports[1]["calibration_hash"]
+    assert w4["perplexity"]["fp16"] == w8["perplexity"]["fp16"]
+    assert w8["perplexity"]["quantized"] < w4["perplexity"]["quantized"] and w8["recovery"] > 0.97
+    assert w4["size_bytes"] < w8["size_bytes"] and set(w4["loads_in"]) >= {"vllm", "transformers"}

@@ -1,6 +1,7 @@
 """vLLM as an independent reader of quantfarm artifacts, run by tests/test_vllm.py inside the vLLM
 environment (`make vllm-env`). It imports only vLLM (with the torch and safetensors vLLM itself pins)
-and the standard library: nothing of quantfarm, so what it reports is vLLM's own reading.
+and the standard library (and evaluation/vllm_serving.py's process helpers, which import no more): nothing
+of quantfarm's own reading, so what it reports is vLLM's.
 
     python vllm_reader.py load JOBS.json OUT.json
         One process for every artifact: an in-process engine per artifact (created, used, deleted),
@@ -21,6 +22,9 @@ import os
 import sys
 import time
 import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from evaluation.vllm_serving import allow_amx, forked  # noqa: E402  (stdlib and vLLM only, like this file)
 
 ENGINE = dict(dtype="bfloat16", max_model_len=256, enforce_eager=True, skip_tokenizer_init=True, seed=0,
               kv_cache_memory_bytes=64 << 20)     # not a fraction of this shared machine's RAM
@@ -45,24 +49,13 @@ def _write(path: str, results: dict):
     os.replace(tmp, path)
 
 
-def _allow_amx():
-    """Linux gives a process AMX tiles only once it asks (arch_prctl ARCH_REQ_XCOMP_PERM, XTILEDATA). oneDNN asks
-    before its own AMX kernels; vLLM CPU's W4A16 AMX kernel does not, and dies of SIGILL in a process where nothing
-    asked first (the tiny models here). Harmless where there is no AMX."""
-    import ctypes
-    import platform
-    if platform.system() == "Linux" and platform.machine() == "x86_64":
-        SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA = 158, 0x1023, 18
-        ctypes.CDLL(None, use_errno=True).syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)
-
-
 def load(jobs: list[dict], out: str):
     """Each artifact in this process; where this CPU's vLLM build lacks the W4A16 kernel (AVX2 only), each in a
     child forked from it: an engine that fails at its first forward leaves this process's parallel groups half
     torn down, and every later engine would fail on them. MoE artifacts always get a child of their own: vLLM
     creates its expert-parallel group only with the first engine's parallel groups, so a MoE engine after a
     dense one fails on the missing group."""
-    _allow_amx()
+    allow_amx()
     cpu = _cpu_kernels()
     results = {"__cpu__": cpu}
     fresh = [j for j in jobs if j.get("moe") or not cpu["cpu_gemm_wna16"]]
@@ -98,24 +91,8 @@ def _load_one(job: dict) -> dict:
 
 
 def _forked(fn, job: dict) -> dict:
-    import tempfile
-    fd, path = tempfile.mkstemp(suffix=".json")
-    os.close(fd)
-    pid = os.fork()
-    if pid == 0:                        # the child: one engine, its result in the file, no cleanup handlers
-        code = 1
-        try:
-            _write(path, fn(job))
-            code = 0
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    try:
-        with open(path) as f:
-            return json.load(f) if os.path.getsize(path) else \
-                {"loaded": False, "reason": f"the reader's child process ended with status {status} and no result"}
-    finally:
-        os.unlink(path)
+    return forked(fn, job, failure=lambda status: {
+        "loaded": False, "reason": f"the reader's child process ended with status {status} and no result"})
 
 
 def _cpu_kernels() -> dict:

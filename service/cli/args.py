@@ -106,6 +106,9 @@ def eval_arguments(p):
                         f"{CPU_SIZING['windows']})")
     p.add_argument("--eval-batch-size", type=int, default=8)
     p.add_argument("--data-dir", help="task data folder (default: the shared data folder, QUANTFARM_DATA)")
+    p.add_argument("--serving", action="store_true",
+                   help="also serve the artifact and the fp16 model in vLLM (QUANTFARM_VLLM_PYTHON) on this device: "
+                        "weight memory, time to first token, prefill and decode tokens/s, the serve command")
 
 
 def _given(**kw) -> dict:
@@ -116,7 +119,7 @@ def _given(**kw) -> dict:
 def evaluation_from_args(a) -> dict:
     suite = a.suite.split(",") if "," in a.suite else a.suite
     return {"suite": suite, "text": a.eval_text, "limit": a.eval_limit, "batch_size": a.eval_batch_size,
-            "data_dir": a.data_dir, **_given(windows=a.eval_windows)}
+            "data_dir": a.data_dir, "serving": a.serving, **_given(windows=a.eval_windows)}
 
 
 def shared_from_args(a) -> dict:

@@ -93,6 +93,8 @@ def cmd_quantize(a) -> int:
     c = r.coverage
     if c:
         print("coverage     " + coverage_line(c["fraction"], f" ({len(c['kept'])} kept 16-bit on purpose)" if c["kept"] else ""))
+    if r.serving:
+        print("serving      " + serving_line(r.serving))
     if r.evaluation:
         print()
         print(report_text(r.evaluation))
@@ -133,6 +135,18 @@ def cmd_publish(a) -> int:
         raise ArtifactError(f"{a.artifact} has no report.json with its job's settings; only artifacts quantfarm "
                             "wrote can be published")
     return publish_exit(a.artifact, JobSpec.model_validate({**spec, "publish": a.to, **({"name": a.name} if a.name else {})}))
+
+
+def serving_line(part: dict) -> str:
+    if "error" in part:
+        return f"not measured: {part['error']}"
+    q, sp = part["models"]["quantized"], part["speedup"]
+    if not sp:
+        errs = "; ".join(f"{k}: {m['error']}" for k, m in part["models"].items() if "error" in m)
+        return f"vLLM {part['vllm']} refused: {errs}"
+    return (f"vLLM {part['vllm']} on {'CPU' if part['cpu'] else 'GPU'}: decode {q['decode_tok_s']['1']:.1f} tok/s "
+            f"({sp['decode_1']:.2f}x fp16), prefill {q['prefill_tok_s']['1']:.0f} tok/s ({sp['prefill_1']:.2f}x), "
+            f"weights {sp['weight_memory']:.2f}x smaller; `{part['serve_command']}`")
 
 
 def baseline_cache(a):

@@ -386,6 +386,11 @@ def load_model(resolved: ResolvedModel, dtype: torch.dtype = torch.float32):
     return model, tokenizer
 
 
+def fp16_folder(resolved: ResolvedModel) -> Path:
+    """A checkpoint folder of the source any runtime loads: the folder itself, or a GGUF source's fp16 copy."""
+    return _gguf_snapshot(resolved) if resolved.gguf_file else Path(resolved.path)
+
+
 def source_card(resolved: ResolvedModel) -> dict:
     """License and language of the source model, for the artifact's card: from the source folder's
     README.md front matter, or a GGUF file's general.license / general.languages."""

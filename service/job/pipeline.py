@@ -13,7 +13,7 @@ import torch
 
 from calibration import build_calibration, eval_tokens
 from calibration.data import resolve_eval_source
-from evaluation import report, suite
+from evaluation import report, serving, suite
 from core.errors import ArtifactError, ModelSourceError, SpecError
 from core.version import quantfarm_version
 from quantizers import artifact, estimates, moe
@@ -23,7 +23,7 @@ from quantizers.layers import mark_kept
 from quantizers.walk import LayerReport, check_coverage, coverage, quantize_model
 
 from . import preflight, storage
-from .models import load_model, resolve_model, source_card
+from .models import fp16_folder, load_model, resolve_model, source_card
 from .shared import Shared
 from .spec import JobSpec
 
@@ -61,6 +61,7 @@ class Result:
     bits_per_weight: dict = field(default_factory=dict)
     evaluation: dict = field(default_factory=dict)
     reused: dict = field(default_factory=dict)            # work taken from a release's Shared, by kind
+    serving: dict | None = None                          # vLLM serving numbers, artifact against fp16
 
     @property
     def recovery(self) -> float | None:
@@ -217,6 +218,12 @@ def run(spec: JobSpec, out_dir, *, device: str = "auto", state_dir=None, overwri
         evaluation = suite.compare(plan, base, plan.quantized(qmodel.to(dev), qtok))
         times["evaluate_quantized"] = time.perf_counter() - t
         del qmodel
+    serving_part = None
+    if spec.evaluation.serving:
+        on_step("measure serving")
+        t = time.perf_counter()
+        serving_part = measure_serving(out, src, dev, shared)
+        times["serving"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t0
 
     used = {**checks["settings"], "scale_dtype": cfg.scheme.scale_dtype, "damp_percent": cfg.damp_percent,
@@ -231,10 +238,25 @@ def run(spec: JobSpec, out_dir, *, device: str = "auto", state_dir=None, overwri
                     perplexity=perplexity_summary(evaluation),
                     layers=[{"index": r.index, "seconds": r.seconds, "modules": r.modules} for r in reports],
                     warnings=notes, preflight=checks, coverage=cover, settings=used,
-                    bits_per_weight=bpw, evaluation=evaluation, reused=dict(shared.reused - reused_before))
+                    bits_per_weight=bpw, evaluation=evaluation, reused=dict(shared.reused - reused_before),
+                    serving=serving_part)
     report.write(out, {"quantfarm": quantfarm_version(), "spec": spec.model_dump(), "source_card": source_card(src),
                        **asdict(result)})
     return result
+
+
+def measure_serving(folder, src, dev: torch.device, shared: Shared) -> dict:
+    """The report's serving part; the fp16 model's numbers once per source and device (a release's variants
+    share them). Where vLLM cannot run here the part says why instead of failing the job."""
+    key = (src.content_hash, str(dev))
+    try:
+        fp16 = shared.peek("serving_fp16", key)
+        part = serving.measure(folder, fp16_folder(src), str(dev), fp16_result=fp16)
+        if fp16 is None and "error" not in part["models"]["fp16"]:
+            shared.put("serving_fp16", key, part["models"]["fp16"])
+        return part
+    except serving.ServingUnavailable as e:
+        return {"error": str(e)}
 
 
 def evaluate_artifact(folder, ev: suite.Evaluation, *, device: str = "auto", cache_dir=None,

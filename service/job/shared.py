@@ -29,6 +29,16 @@ class Shared:
         value = self._memo[k] = make()
         return value
 
+    def peek(self, kind: str, key):
+        """The memoized value for (kind, key), counted as reused; None when there is none yet."""
+        if (kind, key) in self._memo:
+            self.reused[kind] += 1
+            return self._memo[(kind, key)]
+        return None
+
+    def put(self, kind: str, key, value) -> None:
+        self._memo[(kind, key)] = value
+
     def baseline_cache(self, root) -> BaselineCache:
         return _MemoBaselines(root, self)
 
