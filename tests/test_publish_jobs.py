@@ -115,7 +115,12 @@ def test_farm_publishes_to_named_targets_only_and_retries_publishing(tiny_dir, t
         assert job["artifacts"][0]["published"] and is_published("s3://late-bucket/farm/gptq-w8-g32")
         events = srv.http.get(f"/v1/jobs/{job['id']}/logs", headers=auth("reader")).text
         assert events.count("quantize") == 1            # the retry published; it did not quantize again
+        # an admin may name a URL (as a batch file may)
+        r = srv.http.post("/v1/jobs", json={"model": tiny_dir, **SMALL, "bits": 2, "publish": [(tmp_path / "adm").as_uri()]},
+                          headers=auth("admin"))
+        assert r.status_code == 201, r.text
+        assert srv.wait(r.json()["id"])["state"] == "succeeded" and is_published(f"{(tmp_path / 'adm').as_uri()}/gptq-w2-g32")
         metrics = srv.http.get("/metrics", headers=auth("reader")).text
-        assert 'quantfarm_jobs{state="succeeded"} 2.0' in metrics
+        assert 'quantfarm_jobs{state="succeeded"} 3.0' in metrics
     finally:
         srv.close()

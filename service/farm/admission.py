@@ -52,7 +52,7 @@ def pin(spec, *, admin: bool, policy: Policy) -> ResolvedModel:
     local model to its content hash). `spec`: a JobSpec or a ReleaseSpec."""
     check_trust(spec, policy, admin)
     check_local_files(spec, policy)
-    check_publish(spec, policy)
+    check_publish(spec, policy, admin)
     return resolve_model(spec.model, spec.revision, allow_pickle=spec.allow_pickle,
                          trust_remote_code=spec.trust_remote_code, local_roots=list(policy.model_roots))
 

@@ -34,16 +34,17 @@ class Policy:
             out += ["--publish-target", f"{name}={url}"]
         return out
 
-    def publish_target(self, entry: str):
+    def publish_target(self, entry: str, admin: bool = False):
         """The Target a job's publish entry names: local, hub (the server's account) or a name the
-        administrator set up (--publish-target NAME=URL). URLs and Hub orgs from a spec are refused: a
-        submitter does not choose where the server writes or with whose credentials."""
+        administrator set up (--publish-target NAME=URL). URLs and Hub orgs are an admin's to give (a
+        batch file, an admin token): a submitter does not choose where the server writes, or with whose
+        credentials."""
         from service.job.publish import HubSettings, parse_target
         named = dict(self.publish_targets)
         if entry in named:
             return parse_target(named[entry], allow_urls=True)
         if "://" in entry or entry.startswith("hub:"):
-            parse_target(entry, allow_urls=False)      # a URL or a Hub org: refused with its own reason
+            return parse_target(entry, allow_urls=admin)     # refused with its own reason unless admin
         if entry not in ("local", "hub"):
             known = ", ".join(["local", "hub", *named])
             raise SpecError(f"publish target {entry!r} is not one this server publishes to; use one of: {known}")
@@ -66,9 +67,9 @@ def from_args(a) -> Policy:
                   tuple(Path(r).expanduser().resolve() for r in a.data_root or ()), tuple(targets))
 
 
-def check_publish(spec, policy: Policy) -> list:
+def check_publish(spec, policy: Policy, admin: bool = False) -> list:
     """The Targets of a JobSpec's or ReleaseSpec's publish list, each one this server allows."""
-    return [policy.publish_target(entry) for entry in spec.publish]
+    return [policy.publish_target(entry, admin) for entry in spec.publish]
 
 
 def add_arguments(p):
