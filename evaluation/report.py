@@ -149,18 +149,22 @@ def usage(report: dict, folder_name: str) -> list[str]:
     return out
 
 
-def serving_lines(part: dict | None) -> list[str]:
-    """Markdown: the vLLM inference performance section (nothing when serving was not measured)."""
+def serving_lines(part: dict | None, folder_name: str) -> list[str]:
+    """Markdown: the vLLM inference performance section (nothing when serving was not measured); the serve
+    command names this folder as the card's other snippets do (run it beside the folder)."""
     if not part:
         return []
     if "error" in part:
         return ["", "## vLLM inference performance", "", f"Not measured: {part['error']}"]
     st = part["settings"]
+    head = "**CPU numbers**, " if part["cpu"] else ""
+    command = serving.serve_command(folder_name, st, part.get("dist", "vllm"))
     return ["", "## vLLM inference performance", "",
-            f"{'**CPU numbers.** ' if part['cpu'] else ''}vLLM {part['vllm']} on {part['device']}, bfloat16 "
-            f"activations, {st['prompt_len']}-token prompts, {st['gen_len']} generated tokens, greedy; best of "
-            f"{st['repeats']} runs after a warm-up.", "", markdown_table(serving.rows(part)), "",
-            "Served with:", "", "```sh", part["serve_command"], "```"]
+            f"{head}{part['note']}. vLLM {part['vllm']}, bfloat16 activations, {st['prompt_len']}-token prompts, "
+            f"{st['gen_len']} generated tokens, greedy; best of {st['repeats']} runs after a warm-up.", "",
+            markdown_table(serving.rows(part)), "",
+            *(["![vLLM serving speed, fp16 and quantized](serving.png)", ""] if part.get("speedup") else []),
+            "Served with:", "", "```sh", command, "```"]
 
 
 def model_card(report: dict, folder_name: str = "path/to/this/folder") -> str:
@@ -181,7 +185,7 @@ def model_card(report: dict, folder_name: str = "path/to/this/folder") -> str:
         lines += [f"KL divergence of next-token distributions, fp16 || quantized, on {ev['text']}:", "",
                   markdown_table(kld_rows(ev["kld"])), ""]
     lines += [f"- {n}" for n in notes(ev)]
-    lines += serving_lines(report.get("serving"))
+    lines += serving_lines(report.get("serving"), folder_name)
     ver = ev["versions"]
     lines += ["", f"Evaluated with lm-eval {ver['lm_eval']}, transformers {ver['transformers']}, torch {ver['torch']}. "
               "All numbers, settings and versions are in `report.json`; plots in `report.html`.", "",

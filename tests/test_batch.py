@@ -78,6 +78,7 @@ def test_batch_twice_builds_only_what_changed(tmp_path, capsys):
         got = srv.http.get(f"/v1/batches/{second['run']}", headers=auth("reader")).json()
         assert got["models"][1]["change"] == "new revision"
         assert srv.http.get("/v1/batches/nope", headers=auth("reader")).status_code == 404
+        assert srv.http.get("/v1/batches", params={"batch": "a\x00"}, headers=auth("reader")).status_code == 400
         metrics = srv.http.get("/metrics", headers=auth("reader")).text
         for line in ("quantfarm_batch_runs_total 2.0", "quantfarm_batch_built_total 6.0",
                      "quantfarm_batch_skipped_total 2.0", "quantfarm_batch_failed_total 0.0"):

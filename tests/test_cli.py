@@ -100,7 +100,9 @@ def test_ctrl_c_says_how_to_resume_and_the_rerun_does(tmp_path):
     cmd = [sys.executable, "-m", "service.cli", "quantize", "smollm2-135m", "--samples", "4", "--seq-len", "128",
            "--suite", "none", "--state-dir", str(state), "--out", str(out)]
     env = {**os.environ, "QUANTFARM_HOME": str(tmp_path / "home")}
-    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT at its default in the child even where this suite runs in a background job (which ignores it)
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     manifest, deadline = state / "manifest.json", time.monotonic() + 240
     while not (manifest.exists() and json.loads(manifest.read_text())["layers_done"] >= 2):
         assert p.poll() is None and time.monotonic() < deadline, p.communicate()

@@ -3,11 +3,12 @@
 The S3 API is moto's standalone server on loopback (no S3 server can be installed here)."""
 import json
 import socket
+import uuid
 
 import pytest
 
 from service.cli.main import main
-from service.job.publish import MANIFEST, is_published
+from service.job.publish import is_published
 from tiny import save_tiny
 
 QUICK = ["--calibration", "model", "--samples", "4", "--seq-len", "32", "--eval-text", "model", "--eval-windows", "2",
@@ -67,26 +68,27 @@ def test_cli_quantize_publishes_and_retries(tiny_dir, tmp_path, monkeypatch, cap
 
 
 def test_release_publishes_each_variant_to_s3(tiny_dir, tmp_path, s3):
-    s3.mkdir("models")
+    bucket = f"models-{uuid.uuid4().hex[:8]}"      # moto's buckets live per process, across its servers
+    s3.mkdir(bucket)
     assert main(["release", tiny_dir, "--variants", "vllm", "--out", str(tmp_path / "rel"), "--device", "cpu",
                  "--calibration", "model", "--samples", "4", "--seq-len", "32", "--eval-text", "model",
-                 "--eval-windows", "2", "--publish", "s3://models/tiny"]) == 0
+                 "--eval-windows", "2", "--publish", f"s3://{bucket}/tiny"]) == 0
     s = json.loads((tmp_path / "rel" / "release.json").read_text())
     for row in s["variants"]:
         (rec,) = row["published"]
-        assert rec["url"] == f"s3://models/tiny/{row['variant']}"
+        assert rec["url"] == f"s3://{bucket}/tiny/{row['variant']}"
         assert is_published(rec["url"]), row["variant"]
-        assert s3.cat(f"models/tiny/{row['variant']}/model.safetensors") == \
+        assert s3.cat(f"{bucket}/tiny/{row['variant']}/model.safetensors") == \
             (tmp_path / "rel" / row["variant"] / "model.safetensors").read_bytes()
 
 
 def test_farm_publishes_to_named_targets_only_and_retries_publishing(tiny_dir, tmp_path, s3, monkeypatch):
     from test_service import Server, auth
-    shelf = tmp_path / "shelf"
+    shelf, late = tmp_path / "shelf", f"late-{uuid.uuid4().hex[:8]}"
     monkeypatch.delenv("HF_TOKEN", raising=False)
     srv = Server(tmp_path / "home", f"sqlite:///{tmp_path}/store.db", workers=1,
                  args=("--model-root", tiny_dir, "--publish-target", f"shelf={shelf.as_uri()}",
-                       "--publish-target", "bucket=s3://late-bucket/farm"))
+                       "--publish-target", f"bucket=s3://{late}/farm"))
     try:
         def submit(**kw):
             return srv.http.post("/v1/jobs", json={"model": tiny_dir, **SMALL, **kw}, headers=auth("alice"))
@@ -107,12 +109,12 @@ def test_farm_publishes_to_named_targets_only_and_retries_publishing(tiny_dir, t
         assert job["state"] == "publish_failed", job
         assert "POST /v1/jobs/" in job["error"] and "retry" in job["error"]
         assert job["result"]["publish_pending"] == ["bucket"] and not job["artifacts"][0]["published"]
-        s3.mkdir("late-bucket")
+        s3.mkdir(late)
         r = srv.http.post(f"/v1/jobs/{job['id']}/retry", headers=auth("alice"))
         assert r.status_code == 200, r.text
         job = srv.wait(job["id"], until=lambda j: j["state"] not in ("queued", "running"))
         assert job["state"] == "succeeded", job
-        assert job["artifacts"][0]["published"] and is_published("s3://late-bucket/farm/gptq-w8-g32")
+        assert job["artifacts"][0]["published"] and is_published(f"s3://{late}/farm/gptq-w8-g32")
         events = srv.http.get(f"/v1/jobs/{job['id']}/logs", headers=auth("reader")).text
         assert events.count("quantize") == 1            # the retry published; it did not quantize again
         # an admin may name a URL (as a batch file may)

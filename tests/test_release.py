@@ -145,6 +145,7 @@ def test_release_over_http(tiny_dir, tmp_path, capsys):
         assert md.status_code == 200 and "| g32 | succeeded |" in md.text
         assert "<table>" in srv.http.get(f"/v1/releases/{rel['id']}/index.html", headers=auth("reader")).text
         assert srv.http.get("/v1/releases/nope", headers=auth("reader")).status_code == 404
+        assert srv.http.get("/v1/releases", params={"model": "a\x00b"}, headers=auth("reader")).status_code == 400
         # the CLI: submit a release to the server, list and show releases
         from service.cli.main import main
         from test_service import TOKENS

