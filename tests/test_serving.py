@@ -107,3 +107,17 @@ def test_awq_and_compressed_tensors_serve_against_the_same_fp16(served, smol_qua
     assert "error" not in q, q
     assert q["decode_tok_s"]["1"] > 0 and q["prefill_tok_s"]["8"] > 0 and part["speedup"]["weight_memory"] > 2
     assert serving.rows(part)[-1][0] == "quantized / fp16"
+
+
+def test_release_table_and_plot_compare_serving(served):
+    """A release's summary puts each variant's vLLM decode speed beside its size and recovery."""
+    from evaluation import release_report
+    _, _, rep = served
+    s = release_report.summary({"model": "smollm2-135m", "revision": "r", "state": "succeeded"},
+                               [release_report.row("gptq-w4-g64", "succeeded", rep)])
+    head, row = release_report.table(s)
+    sv = rep["serving"]
+    assert head[-1] == "vLLM decode (batch 1) vs fp16"
+    assert row[-1] == f"{sv['models']['quantized']['decode_tok_s']['1']:.1f} tok/s, {sv['speedup']['decode_1']:.2f}x"
+    page = release_report.html_page(s)
+    assert "Recovery against size and serving speed" in page and "<img" in page
