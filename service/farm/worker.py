@@ -192,8 +192,13 @@ def publish_to(store: Store, job_id: str, spec: JobSpec, targets: list, summary:
     """Publish a finished artifact to each (entry, Target); returns (state, error, summary). A failure ends the
     job publish_failed with the entries still to do in its result, so a retry publishes those and quantizes
     nothing again."""
-    records, pending, why = publish.publish_each(summary["artifact"], spec, targets,
-                                                 on_start=lambda e: store.add_event(job_id, "step", f"publish {e}"))
+    try:
+        records, pending, why = publish.publish_each(summary["artifact"], spec, targets,
+                                                     on_start=lambda e: store.add_event(job_id, "step", f"publish {e}"))
+    except Exception as e:              # an upload library's own error: the artifact is intact, a retry may publish
+        store.add_event(job_id, "log", traceback.format_exc())
+        records, pending = [], [x for x, _ in targets]
+        why = f"publishing failed ({type(e).__name__}: {e}); the traceback is in GET /v1/jobs/{job_id}/logs"
     for rec in records:
         store.add_event(job_id, "log", f"published to {rec['entry']}: {rec['url']}", rec)
     summary = {**summary, "published": [*(summary.get("published") or []), *records], "publish_pending": pending}
