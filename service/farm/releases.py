@@ -71,8 +71,3 @@ def list_(store: Store, model: str | None = None, limit: int = 50, offset: int =
         ids = [x.id for x in c.execute(q.order_by(releases.c.created_at.desc(), releases.c.id).limit(limit).offset(offset))]
         total = c.execute(n).scalar_one()
     return [get(store, i) for i in ids], total
-
-
-def of_job(store: Store, job_id: str) -> list[str]:
-    with store.engine.connect() as c:
-        return [x.release_id for x in c.execute(select(release_jobs.c.release_id).where(release_jobs.c.job_id == job_id))]

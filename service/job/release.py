@@ -3,7 +3,6 @@ mradermacher pattern). Each variant is an ordinary job (its own artifact, report
 by its recipe key like any job); the release names them, shares what does not depend on the variant
 (see shared.py) and says how they went together.
 """
-import re
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -154,9 +153,6 @@ def load_variants(text_or_preset: str) -> dict:
     raise SpecError(f"{p}: expected a list of variants or a mapping with `variants:`")
 
 
-STATES = ("running", "succeeded", "gated", "partial", "failed")
-
-
 def state(job_states: list[str]) -> str:
     """A release's own state from its jobs': running until all end; then succeeded (all), gated (none
     failed but some missed the quality gate), partial (some succeeded, some failed or were cancelled),
@@ -170,10 +166,6 @@ def state(job_states: list[str]) -> str:
     if all(s in ("succeeded", "failed_quality") for s in job_states):
         return "gated"
     return "partial"
-
-
-def safe_name(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:96] or "model"
 
 
 def input_widths(src) -> set[int] | None:
@@ -200,12 +192,10 @@ def run(rs: ReleaseSpec, out_root, *, device: str = "auto", cache_dir=None, over
     out_root = Path(out_root)
     storage.check_writable(out_root / "release.json")
     targets = local_targets(rs.publish)
-    shared = Shared()
-    src = shared.get("resolve", (rs.model, rs.revision, rs.allow_pickle, rs.trust_remote_code, ()),
-                     lambda: resolve_model(rs.model, rs.revision, allow_pickle=rs.allow_pickle,
-                                           trust_remote_code=rs.trust_remote_code))
+    src = resolve_model(rs.model, rs.revision, allow_pickle=rs.allow_pickle, trust_remote_code=rs.trust_remote_code)
     revision = src.revision or src.content_hash
-    shared.get("resolve", (rs.model, revision, rs.allow_pickle, rs.trust_remote_code, ()), lambda: src)  # as pinned
+    shared = Shared()               # the variants' jobs name the pinned revision: they find the source resolved
+    shared.put("resolve", (rs.model, revision, rs.allow_pickle, rs.trust_remote_code, ()), src)
     jobs = rs.jobs(revision, input_widths(src))
     for _name, job, _note in jobs:                     # every variant's folder is checked before the first runs
         storage.check_replaceable(out_root / _name, overwrite)
