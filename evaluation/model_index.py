@@ -41,12 +41,15 @@ def front_matter(report: dict, name: str) -> str:
     """The YAML block (between --- lines) of the model card."""
     s, src = report["spec"], report.get("source_card") or {}
     hub = "/" in s["model"] and not s["model"].startswith(("/", ".", "~")) and not s["model"].endswith(".gguf")
-    tags = list(dict.fromkeys(["quantized", s["format"], s["algorithm"], f"{s['bits']}-bit", "quantfarm"]))
+    tags = list(dict.fromkeys(["quantized", s["format"], s["algorithm"], f"{s['bits']}-bit", "quantfarm"]
+                              if s["format"] != "gguf" else
+                              ["quantized", "gguf", s["gguf_type"], "llama.cpp", *(["imatrix"] if s["imatrix"] != "none"
+                                                                                   else []), "quantfarm"]))
     extra = {"quantized_by": "quantfarm"}
     if hub:
         extra.update(base_model=s["model"], base_model_relation="quantized", base_model_revision=report.get("revision"))
     results = eval_results(report)
-    data = ModelCardData(license=src.get("license"), language=src.get("language"), library_name="transformers",
+    data = ModelCardData(license=src.get("license"), language=src.get("language"), library_name="gguf" if s["format"] == "gguf" else "transformers",
                          pipeline_tag="text-generation", tags=tags, model_name=name if results else None,
                          eval_results=results or None, **extra)
     return f"---\n{data.to_yaml()}\n---"

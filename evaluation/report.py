@@ -25,6 +25,8 @@ def num(x, name="") -> str:
 
 def label(report: dict) -> str:
     s = report["spec"]
+    if s["format"] == "gguf":
+        return f"GGUF {s['gguf_type']} (llama.cpp, imatrix {s['imatrix']})"
     sym = "" if s["algorithm"] == "awq" else (" sym" if s.get("sym") in (None, True) else " asym")
     return f"{formats.get(s['format']).title} w{s['bits']} g{s['group_size']}{sym} ({s['algorithm']})"
 
@@ -94,6 +96,8 @@ def settings_line(report: dict) -> str:
     st = report.get("settings") or {}
     if not st:
         return label(report)
+    if st["format"] == "gguf":
+        return gguf_settings_line(st)
     parts = [f"{st['format']} {st['bits']}-bit, group size {st['group_size']}, {'symmetric' if st['sym'] else 'zero points'}",
              f"algorithm {st['algorithm']}"]
     if st.get("act_order") not in (None, "none"):
@@ -112,8 +116,10 @@ def size_line(report: dict) -> str:
     bpw = report.get("bits_per_weight") or {}
     out = f"{before / mb:.1f} MiB at 16 bits -> {after / mb:.1f} MiB ({before / max(after, 1):.2f}x smaller)"
     if bpw:
-        out += (f"; {bpw['quantized_linears']:.2f} bits per weight in the quantized Linears (codes, scales, zeros), "
-                f"{bpw['overall']:.2f} overall (embeddings, head and norms stay 16-bit)")
+        gguf = (report.get("settings") or {}).get("format") == "gguf"
+        out += (f"; {bpw['quantized_linears']:.2f} bits per weight in the "
+                f"{'decoder weight matrices' if gguf else 'quantized Linears (codes, scales, zeros)'}, "
+                f"{bpw['overall']:.2f} overall ({'everything in the file' if gguf else 'embeddings, head and norms stay 16-bit'})")
     return out
 
 
@@ -126,6 +132,8 @@ def runtime_lines(report: dict) -> list[str]:
 def usage(report: dict, folder_name: str) -> list[str]:
     """Markdown: how to load this artifact in the runtimes that take it, as code a test runs."""
     st = report.get("settings") or {}
+    if st.get("format") == "gguf":
+        return gguf_usage(st, folder_name)
     runtimes = {v["runtime"]: v for v in (report.get("preflight") or {}).get("runtimes", [])}
     out = []
     tf = runtimes.get("transformers")
@@ -147,6 +155,52 @@ def usage(report: dict, folder_name: str) -> list[str]:
     elif vl:
         out += [f"vLLM does not load it: {'; '.join(vl['notes'])}.", ""]
     return out
+
+
+def gguf_settings_line(st: dict) -> str:
+    im = {"quantfarm": "quantfarm's, from the calibration forward", "llama": "llama.cpp's llama-imatrix",
+          "none": "none"}[st["imatrix"]]
+    parts = [f"GGUF {st['gguf_type']} by llama-quantize ({st['llama_cpp']}), importance matrix {im}"]
+    c = st.get("calibration")
+    if c:
+        parts.append(f"calibration {c['samples']} x {c['seq_len']} tokens of {c['source']} (seed {c['seed']}, "
+                     f"hash {c['hash'][:12]})")
+    if st.get("fallbacks"):
+        parts.append("per-tensor fallbacks (widths the type's blocks do not divide): "
+                     + ", ".join(f"{k} {n}x" for k, n in st["fallbacks"].items()))
+    return "; ".join(parts)
+
+
+def gguf_usage(st: dict, folder_name: str) -> list[str]:
+    first = st["files"][0]
+    return ["llama.cpp (and the runtimes built on it: Ollama, LM Studio):", "", "```sh",
+            f"llama-cli -m {folder_name}/{first} -p \"The capital of France is\" -n 16", "```", "",
+            *(["transformers (with gguf installed; it dequantizes the weights to 16 bits):", "", "```python",
+               "from transformers import AutoModelForCausalLM, AutoTokenizer",
+               f"model_dir = \"{folder_name}\"  # this folder, or its Hub id once published",
+               "tokenizer = AutoTokenizer.from_pretrained(model_dir)",
+               f"model = AutoModelForCausalLM.from_pretrained(model_dir, gguf_file=\"{first}\")",
+               "inputs = tokenizer(\"The capital of France is\", return_tensors=\"pt\")",
+               "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=16)[0]))", "```", ""]
+              if len(st["files"]) == 1 else [])]
+
+
+def llama_cpp_rows(part: dict) -> list[list[str]]:
+    f, q = part["fp16"], part["quantized"]
+    return [["", "perplexity", "KLD mean", "KLD p99", "same top token"],
+            ["F16 GGUF", f"{f['perplexity']:.4f}", "", "", ""],
+            ["quantized", f"{q['perplexity']:.4f}", f"{q.get('kld', float('nan')):.5f}",
+             f"{q.get('kld_p99', float('nan')):.4f}", pct(q.get("same_top_p"))]]
+
+
+def llama_cpp_lines(part: dict | None) -> list[str]:
+    """Markdown: llama.cpp's own perplexity and KLD of the GGUF against its F16 conversion."""
+    if not part:
+        return []
+    return ["", "## llama.cpp perplexity and KL divergence", "",
+            f"By llama-perplexity on {part['text']}, {part['chunks']} chunks of {part['ctx']} tokens (it scores the "
+            "second half of each chunk); KLD of the quantized file's next-token distributions from the F16 "
+            "file's:", "", markdown_table(llama_cpp_rows(part))]
 
 
 def serving_lines(part: dict | None, folder_name: str) -> list[str]:
@@ -185,6 +239,7 @@ def model_card(report: dict, folder_name: str = "path/to/this/folder") -> str:
         lines += [f"KL divergence of next-token distributions, fp16 || quantized, on {ev['text']}:", "",
                   markdown_table(kld_rows(ev["kld"])), ""]
     lines += [f"- {n}" for n in notes(ev)]
+    lines += llama_cpp_lines(report.get("llama_cpp"))
     lines += serving_lines(report.get("serving"), folder_name)
     ver = ev["versions"]
     lines += ["", f"Evaluated with lm-eval {ver['lm_eval']}, transformers {ver['transformers']}, torch {ver['torch']}. "
@@ -306,6 +361,8 @@ def html_page(report: dict) -> str:
     if ev.get("kld"):
         parts += ["<h2>KL divergence</h2>", html_table(kld_rows(ev["kld"]))]
     parts += ["<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes(ev)) + "</ul>"]
+    if report.get("llama_cpp"):
+        parts += ["<h2>llama.cpp perplexity and KL divergence</h2>", html_table(llama_cpp_rows(report["llama_cpp"]))]
     sv = report.get("serving")
     if sv and "error" not in sv:
         parts += ["<h2>vLLM inference performance</h2>", f"<p>{html.escape(sv['note'])}.</p>",

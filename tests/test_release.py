@@ -45,7 +45,11 @@ def test_presets_fit_groups_to_the_model():
     assert by_name["w8a16"][0].group_size == -1 and by_name["w8a16"][1] is None
     assert {s.revision for s, _ in by_name.values()} == {"rev"}
     assert [n for n, _, _ in ReleaseSpec(model="m", preset="thebloke").jobs("rev", {4096, 14336})] == [
-        "gptq-4bit-128g-actorder", "gptq-4bit-32g-actorder", "gptq-8bit-128g-actorder", "awq-4bit-128g"]
+        "gptq-4bit-128g-actorder", "gptq-4bit-32g-actorder", "gptq-8bit-128g-actorder", "awq-4bit-128g",
+        "gguf-q2_k", "gguf-q3_k_m", "gguf-q4_k_m", "gguf-q5_k_m", "gguf-q6_k", "gguf-q8_0"]
+    gguf = {n: s for n, s, _ in ReleaseSpec(model="m", preset="gguf").jobs("rev", {576, 1536})}
+    assert gguf["gguf-q4_k_m"].format == "gguf" and gguf["gguf-q4_k_m"].gguf_type == "Q4_K_M"
+    assert {s.imatrix for s in gguf.values()} == {"quantfarm"} and gguf["gguf-q2_k"].group_size == 128
     explicit = ReleaseSpec(model="m", variants=[{"group_size": 128}]).jobs("rev", {576})
     assert explicit[0][1].group_size == 128 and explicit[0][2] is None       # what was asked for explicitly stays
 

@@ -12,7 +12,7 @@ class TableNames:
 
     def _names(self) -> list[str]:
         if self.table == "formats":
-            from quantizers.formats import FORMATS as table
+            from service.job.spec import ALL_FORMATS as table
         else:
             from quantizers.algorithms import ALGORITHMS as table
         return list(table)
@@ -50,7 +50,14 @@ def weight_arguments(p):
     """What a variant of a release may set: how the weights are quantized and stored."""
     p.add_argument("--algorithm", default="gptq", choices=TableNames("algorithms"), help="how weights are quantized")
     p.add_argument("--format", default="gptq", choices=TableNames("formats"),
-                   help="how they are stored (awq: 4-bit AWQ GEMM; compressed-tensors: pack-quantized, vLLM-native)")
+                   help="how they are stored (awq: 4-bit AWQ GEMM; compressed-tensors: pack-quantized, vLLM-native; "
+                        "gguf: llama.cpp's converter and llama-quantize, with --gguf-type)")
+    p.add_argument("--gguf-type", metavar="TYPE", help="format gguf: the llama-quantize type (Q2_K, Q3_K_M, Q4_K_M, "
+                   "Q5_K_M, Q6_K, Q8_0, IQ4_XS, ...; default Q4_K_M)")
+    p.add_argument("--imatrix", choices=["quantfarm", "llama", "none"],
+                   help="format gguf: the importance matrix: quantfarm (default; from the calibration forward), "
+                        "llama (llama.cpp's llama-imatrix on the calibration text) or none")
+    p.add_argument("--gguf-shard", metavar="SIZE", help="format gguf: split into files of at most SIZE (e.g. 48G)")
     p.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8])
     p.add_argument("--group-size", type=int, default=128, help="columns per group; -1 for one group per row")
     sym = p.add_mutually_exclusive_group()
@@ -135,6 +142,7 @@ def spec_from_args(a, **extra):
     from service.job.spec import JobSpec
     return JobSpec(algorithm=a.algorithm, format=a.format, bits=a.bits, group_size=a.group_size, sym=a.sym,
                    act_order=a.act_order, true_sequential=a.true_sequential, damp_percent=a.damp, keep=a.keep,
+                   **_given(gguf_type=a.gguf_type, imatrix=a.imatrix, gguf_shard=a.gguf_shard),
                    **shared_from_args(a), **extra)
 
 

@@ -74,15 +74,20 @@ def cmd_quantize(a) -> int:
     mb = 2 ** 20
     print(f"\nartifact     {r.artifact}")
     print(f"model        {r.model} @ {r.revision}")
-    act = r.preflight["settings"]["act_order"]
-    print(f"format       {spec.format} {spec.bits}-bit g{spec.group_size} {'sym' if spec.symmetric else 'asym'}"
-          f"{' act-order ' + act if act != 'none' else ''} ({spec.algorithm})")
-    if spec.algorithm != "rtn":
+    if spec.format == "gguf":
+        print(f"format       gguf {spec.gguf_type} (llama-quantize, importance matrix {spec.imatrix}): "
+              f"{', '.join(r.settings['files'])}")
+    else:
+        act = r.preflight["settings"]["act_order"]
+        print(f"format       {spec.format} {spec.bits}-bit g{spec.group_size} {'sym' if spec.symmetric else 'asym'}"
+              f"{' act-order ' + act if act != 'none' else ''} ({spec.algorithm})")
+    if r.calibration_source:
         c = spec.calibration
         print(f"calibration  {c.samples} x {c.seq_len} tokens ({r.calibration_source})")
     if sizing:
         print(f"note         {sizing}")
-    print(f"time         {r.seconds['total']:.1f} s total, {r.seconds['quantize']:.1f} s quantizing")
+    print(f"time         {r.seconds['total']:.1f} s total, {r.seconds['quantize']:.1f} s quantizing"
+          + (f", {r.seconds['imatrix']:.1f} s importance matrix" if "imatrix" in r.seconds else ""))
     print(f"size         {r.size_before_bytes / mb:.1f} MiB (16-bit) -> {r.size_after_bytes / mb:.1f} MiB")
     from service.job.preflight import coverage_line, runtime_line, runtime_notes
     for v in r.preflight["runtimes"]:
@@ -92,7 +97,13 @@ def cmd_quantize(a) -> int:
             print(f"note         {v['runtime']}: {n}")
     c = r.coverage
     if c:
-        print("coverage     " + coverage_line(c["fraction"], f" ({len(c['kept'])} kept 16-bit on purpose)" if c["kept"] else ""))
+        extra = (f" ({len(c['kept'])} kept 16-bit on purpose)" if c.get("kept") else
+                 f" (types: {', '.join(f'{k} {n}' for k, n in c['types'].items())})" if c.get("types") else "")
+        print("coverage     " + coverage_line(c["fraction"], extra))
+    if r.llama_cpp:
+        q, f = r.llama_cpp["quantized"], r.llama_cpp["fp16"]
+        print(f"llama.cpp    perplexity {q['perplexity']:.4f} (F16 {f['perplexity']:.4f}), KLD {q['kld']:.5f}, "
+              f"same top token {100 * q['same_top_p']:.1f}%")
     if r.serving:
         print("serving      " + serving_line(r.serving))
     if r.evaluation:

@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM  # noqa: F401
 
 from core.errors import SpecError
 from quantizers import estimates
-from service.job import preflight, storage
+from service.job import gguf_job, preflight, storage
 from service.job.facts import ModelFacts, model_facts
 from service.job.models import ResolvedModel, resolve_model
 from service.job.pipeline import target
@@ -37,7 +37,11 @@ def memory_estimate_gb(facts: ModelFacts | None, spec: JobSpec) -> float:
 
 def artifact_bytes_estimate(facts: ModelFacts | None, spec: JobSpec) -> int:
     """Bytes the artifact's weights will take (0 when the shapes are unknown)."""
-    return 0 if facts is None else estimates.artifact_bytes(facts.meta_model, spec.quant_config().scheme)
+    if facts is None:
+        return 0
+    if spec.format == "gguf":                     # at most Q8_0's 8.5 bits per weight, plus the importance matrix
+        return sum(p.numel() for p in facts.meta_model.parameters()) * 9 // 8
+    return estimates.artifact_bytes(facts.meta_model, spec.quant_config().scheme)
 
 
 @dataclass
@@ -67,7 +71,9 @@ def admit(spec: JobSpec, *, admin: bool, policy: Policy, artifact_root: Path,
         check_trust(spec, policy, admin)
     facts = model_facts(src)
     memory = memory_estimate_gb(facts, spec)
-    if facts is not None:
+    if spec.format == "gguf":
+        gguf_job.preflight(src)                   # llama.cpp's tools built here, and a converter for the model
+    elif facts is not None:
         if spec.group_size > facts.widest_input:
             raise SpecError(f"group_size {spec.group_size} is wider than the model's widest Linear input "
                             f"({facts.widest_input}); use -1 for one group per row, or at most {facts.widest_input}")

@@ -62,6 +62,7 @@ class Result:
     evaluation: dict = field(default_factory=dict)
     reused: dict = field(default_factory=dict)            # work taken from a release's Shared, by kind
     serving: dict | None = None                          # vLLM serving numbers, artifact against fp16
+    llama_cpp: dict | None = None                        # GGUF: llama.cpp's perplexity and KLD against its F16
 
     @property
     def recovery(self) -> float | None:
@@ -138,16 +139,13 @@ def run(spec: JobSpec, out_dir, *, device: str = "auto", state_dir=None, overwri
     storage.check_replaceable(out_dir, overwrite)
     storage.check_writable(out_dir)                                     # before anything is loaded
 
+    if spec.format == "gguf":                                           # made by llama.cpp's tools
+        from . import gguf_job
+        return gguf_job.run(spec, out_dir, dev=dev, overwrite=overwrite, cache_dir=cache_dir, on_step=on_step,
+                            should_stop=should_stop, model_roots=model_roots, shared=shared)
+
     on_step("resolve")
-    src = shared.get("resolve", (spec.model, spec.revision, spec.allow_pickle, spec.trust_remote_code,
-                                 tuple(map(str, model_roots or ()))),
-                     lambda: resolve_model(spec.model, spec.revision, allow_pickle=spec.allow_pickle,
-                                           trust_remote_code=spec.trust_remote_code, local_roots=model_roots))
-    revision = src.revision or src.content_hash
-    if src.revision is None and spec.revision and spec.revision != src.content_hash:
-        raise ModelSourceError(f"{spec.model} was pinned at content hash {spec.revision[:16]}... when the job was "
-                               f"made, and its files now hash to {src.content_hash[:16]}...: the model changed since; "
-                               "submit it again to quantize what is there now")
+    src, revision = resolve_pinned(spec, shared, model_roots)
     dtype = compute_dtype(dev)
     model, tokenizer = load_model(src, dtype=dtype)
     round_to_storage(model)
@@ -164,26 +162,10 @@ def run(spec: JobSpec, out_dir, *, device: str = "auto", state_dir=None, overwri
     size_before = sum(p.numel() for p in model.parameters()) * 2
     times["load"] = time.perf_counter() - t0
 
-    plan = base = None
-    if spec.evaluation.parts:
-        on_step("evaluate fp16")
-        t = time.perf_counter()
-        text = (revision, spec.evaluation.text, str(dtype))
-        plan = suite.EvaluationPlan(spec.evaluation, spec.model, revision, dtype, dev, text_tokens=lambda: shared.get(
-            "eval_text", text, lambda: eval_tokens(spec.evaluation.text, tokenizer, model=model)))
-        base = plan.baseline(shared.baseline_cache(cache_dir), lambda: (model.to(dev), tokenizer))
-        model.to("cpu")                 # the walk streams layers to the device itself
-        times["evaluate_fp16"] = time.perf_counter() - t
+    plan, base = fp16_baseline(spec, model, tokenizer, revision, dev, shared, cache_dir, on_step, times)
 
-    calib = None
-    if algorithm(cfg.algorithm).NEEDS_DATA:
-        on_step("calibrate")
-        t = time.perf_counter()
-        c = spec.calibration
-        calib = shared.get("calibration", (revision, str(dtype), *c.model_dump().values()),
-                           lambda: build_calibration(c.source, tokenizer, n_samples=c.samples, seq_len=c.seq_len,
-                                                     seed=c.seed, model=model))
-        times["calibrate"] = time.perf_counter() - t
+    calib = calibrate(spec, model, tokenizer, revision, shared, on_step, times) \
+        if algorithm(cfg.algorithm).NEEDS_DATA else None
 
     on_step("quantize")
     t = time.perf_counter()
@@ -245,6 +227,52 @@ def run(spec: JobSpec, out_dir, *, device: str = "auto", state_dir=None, overwri
     return result
 
 
+def resolve_pinned(spec: JobSpec, shared: Shared, model_roots) -> tuple:
+    """(the resolved source, its pinned revision), refusing a local source whose content changed since the
+    job was made (its revision is then a content hash)."""
+    src = shared.get("resolve", (spec.model, spec.revision, spec.allow_pickle, spec.trust_remote_code,
+                                 tuple(map(str, model_roots or ()))),
+                     lambda: resolve_model(spec.model, spec.revision, allow_pickle=spec.allow_pickle,
+                                           trust_remote_code=spec.trust_remote_code, local_roots=model_roots))
+    revision = src.revision or src.content_hash
+    if src.revision is None and spec.revision and spec.revision != src.content_hash:
+        raise ModelSourceError(f"{spec.model} was pinned at content hash {spec.revision[:16]}... when the job was "
+                               f"made, and its files now hash to {src.content_hash[:16]}...: the model changed since; "
+                               "submit it again to quantize what is there now")
+    return src, revision
+
+
+def calibrate(spec: JobSpec, model, tokenizer, revision: str, shared: Shared, on_step, times: dict):
+    """The calibration set, built once per setting in a Shared."""
+    on_step("calibrate")
+    t = time.perf_counter()
+    c = spec.calibration
+    dtype = next(model.parameters()).dtype
+    calib = shared.get("calibration", (revision, str(dtype), *c.model_dump().values()),
+                       lambda: build_calibration(c.source, tokenizer, n_samples=c.samples, seq_len=c.seq_len,
+                                                 seed=c.seed, model=model))
+    times["calibrate"] = time.perf_counter() - t
+    return calib
+
+
+def fp16_baseline(spec: JobSpec, model, tokenizer, revision: str, dev, shared: Shared, cache_dir, on_step,
+                  times: dict) -> tuple:
+    """(the evaluation plan, the fp16 model's results), both None without an evaluation suite; the model
+    goes back to the CPU after (the walk streams layers to the device itself)."""
+    if not spec.evaluation.parts:
+        return None, None
+    on_step("evaluate fp16")
+    t = time.perf_counter()
+    dtype = next(model.parameters()).dtype
+    text = (revision, spec.evaluation.text, str(dtype))
+    plan = suite.EvaluationPlan(spec.evaluation, spec.model, revision, dtype, dev, text_tokens=lambda: shared.get(
+        "eval_text", text, lambda: eval_tokens(spec.evaluation.text, tokenizer, model=model)))
+    base = plan.baseline(shared.baseline_cache(cache_dir), lambda: (model.to(dev), tokenizer))
+    model.to("cpu")
+    times["evaluate_fp16"] = time.perf_counter() - t
+    return plan, base
+
+
 def measure_serving(folder, src, dev: torch.device, shared: Shared) -> dict:
     """The report's serving part; the fp16 model's numbers once per source and device (a release's variants
     share them). Where vLLM cannot run here the part says why instead of failing the job."""
@@ -266,6 +294,11 @@ def evaluate_artifact(folder, ev: suite.Evaluation, *, device: str = "auto", cac
     folder = Path(folder)
     rep = report.read(folder)
     spec = rep.get("spec") or {}
+    if spec.get("format") == "gguf":
+        from core.errors import NotImplementedFeature
+        raise NotImplementedFeature(f"{folder} is a GGUF artifact: evaluating it again is not implemented; run its "
+                                    "job again with the evaluation settings you want (the F16 file and importance "
+                                    "matrix are cached, so only llama-quantize and the evaluation run)")
     model_id, revision = spec.get("model"), rep.get("revision")
     if not model_id:
         raise ArtifactError(f"{folder} has no report.json naming its source model; only artifacts written by "

