@@ -5,6 +5,8 @@
 #   make vllm-env    the vLLM CPU reader of tests/test_vllm.py, built once per envs/vllm.txt into a cache folder
 #   make llama-tools llama.cpp's converter, llama-quantize, -imatrix, -perplexity (GGUF), built once per
 #                    envs/llama-cpp.txt and CPU into a cache folder
+# The set-up steps of `make test` (the venv, vLLM's environment, llama.cpp's tools) run side by side.
+MAKEFLAGS += -j2
 PY      ?= python3
 VENV    := .venv
 STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)

@@ -92,6 +92,11 @@ def _windows(stream: torch.Tensor, n_samples: int, seq_len: int, seed: int, desc
     return stream[offsets[:, None] + torch.arange(seq_len)]
 
 
+def resolve_calibration_source(source: str) -> str:
+    """The calibration source "auto" stands for here ("model": sampled from the fp16 model)."""
+    return _resolve_auto(source)
+
+
 def _resolve_auto(source: str) -> str:
     if source == "auto":
         return "c4" if shared_file(C4_RELPATH) is not None else "model"

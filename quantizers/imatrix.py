@@ -24,7 +24,8 @@ class Stat:
 
 @torch.no_grad()
 def collect(model, tokens: torch.Tensor, device="cpu", batch: int = 4) -> dict[str, Stat]:
-    """{Linear name: Stat} over the calibration rows `tokens` [n, L], every Linear of the model (head too)."""
+    """{Linear name: Stat} over the calibration rows `tokens` [n, L], every Linear of the model; the output
+    head's from the decoder's final hidden states (its input), without computing the logits."""
     stats: dict[str, Stat] = {}
 
     def hook(name):
@@ -37,12 +38,20 @@ def collect(model, tokens: torch.Tensor, device="cpu", batch: int = 4) -> dict[s
             s.count += x.shape[0]
         return f
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    head = model.get_output_embeddings()
+    head_name = next((n for n, m in model.named_modules() if m is head), None)
+    trunk = model.get_decoder() if head_name else None        # the head's input is the trunk's output: no logits
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules()
+               if isinstance(m, nn.Linear) and (m is not head or trunk is None)]
     was = next(model.parameters()).device
     try:
         model.to(device)
         for i in range(0, tokens.shape[0], batch):
-            model(tokens[i:i + batch].to(device), use_cache=False)
+            ids = tokens[i:i + batch].to(device)
+            if trunk is None:
+                model(ids, use_cache=False)
+            else:
+                hook(head_name)(head, (trunk(input_ids=ids, use_cache=False).last_hidden_state,))
     finally:
         for h in handles:
             h.remove()

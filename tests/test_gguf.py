@@ -117,6 +117,7 @@ def smol_f16(tools, smol, tmp_path_factory):
     return SimpleNamespace(dir=d, f16=f16, imatrix=mat, text=text, base=base, kld_base=d / "base.bin")
 
 
+@pytest.mark.slow
 def test_preset_types_convert_quantize_and_run_in_llama_cpp(tools, smol, smol_f16):
     """Each type of the `gguf` preset: llama-quantize takes our matrix (all its entries), the tensors get the
     type or the fallback preflight predicted, and llama.cpp generates and evaluates the file."""
@@ -154,6 +155,7 @@ def test_preset_types_convert_quantize_and_run_in_llama_cpp(tools, smol, smol_f1
     assert order == sorted(order, reverse=True), ppl
 
 
+@pytest.mark.slow
 def test_quantfarm_imatrix_beats_none_and_matches_llama_imatrix(tools, smol, smol_f16):
     """Held-out perplexity (llama-perplexity, 16 x 512 WikiText-2 tokens) at Q2_K, Q3_K_M and Q4_K_M: with
     quantfarm's matrix no worse than with llama-imatrix's on the same calibration text, and clearly better
@@ -175,6 +177,7 @@ def test_quantfarm_imatrix_beats_none_and_matches_llama_imatrix(tools, smol, smo
         assert ppl["quantfarm"] <= 1.005 * ppl["llama"] and ppl["quantfarm"] < 0.99 * ppl["none"], (typ, ppl)
 
 
+@pytest.mark.slow
 def test_shards_load_in_llama_cpp(tools, smol_f16):
     q = smol_f16.dir / "shard" / "m-Q8_0.gguf"
     q.parent.mkdir()
@@ -275,3 +278,30 @@ def test_gguf_release_job_card_inspect_publish(tools, tmp_path):
     assert pub.returncode == 0, pub.stderr
     published = {p.name for p in (tmp_path / "pub").rglob("*") if p.is_file()}
     assert {"smollm2-135m-Q4_K_M.gguf", "imatrix.gguf", "README.md", "report.json"} <= published
+
+
+def test_farm_admission_checks_gguf_before_queueing(tools, tmp_path, monkeypatch):
+    """A farm refuses, at submission, a GGUF job its converter cannot take or its machine cannot build, and
+    sizes the artifact for the worst type (Q8_0)."""
+    from core.errors import NotImplementedFeature
+    from service.farm import admission
+    from service.farm.policy import Policy
+    from service.job.spec import JobSpec
+    ok = tiny.save_tiny(tmp_path / "llama", "llama")
+    spec = JobSpec(model=str(ok), format="gguf", gguf_type="Q2_K")
+    policy = Policy(model_roots=(tmp_path,))
+    admitted = admission.admit(spec, admin=False, policy=policy, artifact_root=tmp_path / "art", worker_memory_gb=None)
+    assert admitted.revision
+    facts = admission.model_facts(admitted.source)
+    n = sum(p.numel() for p in facts.meta_model.parameters())
+    assert admission.artifact_bytes_estimate(facts, spec) == n * 9 // 8
+    import shutil
+    odd = Path(shutil.copytree(ok, tmp_path / "odd"))
+    cfg = json.loads((odd / "config.json").read_text())
+    (odd / "config.json").write_text(json.dumps({**cfg, "architectures": ["NoSuchForCausalLM"]}))
+    with pytest.raises(SpecError, match="converter cannot convert NoSuchForCausalLM"):
+        admission.admit(JobSpec(model=str(odd), format="gguf"), admin=False, policy=policy,
+                        artifact_root=tmp_path / "art", worker_memory_gb=None)
+    monkeypatch.setenv("QUANTFARM_LLAMA_CPP", str(tmp_path / "nothing"))
+    with pytest.raises(NotImplementedFeature, match="make llama-tools"):
+        admission.admit(spec, admin=False, policy=policy, artifact_root=tmp_path / "art", worker_memory_gb=None)

@@ -17,7 +17,6 @@ from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from core.errors import SpecError
@@ -29,7 +28,8 @@ from quantizers.formats import gguf as fmt
 from quantizers.walk import Cancelled
 
 from . import storage
-from .models import cache_root, fp16_folder, load_model, source_card
+from .facts import model_facts
+from .models import cache_root, fp16_folder, load_model, load_tokenizer, source_card
 from .shared import Shared
 from .spec import JobSpec
 
@@ -59,9 +59,19 @@ def preflight(src) -> llama_cpp.Tools:
 
 
 def input_widths(model) -> dict[str, int]:
-    """{kind of decoder weight (q_proj, down_proj, ...): its input width}: what llama-quantize's blocks must divide."""
-    return {n.rsplit(".", 1)[-1]: m.in_features for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) and ".layers." in n and not moe.is_router(n)}
+    """{kind of decoder weight (q_proj, down_proj, ...): its input width}: what llama-quantize's blocks must
+    divide. Fused experts (a config-only model's) count by their 3-D weights: [E, out, in]."""
+    out = {}
+    for n, m in model.named_modules():
+        if ".layers." not in n:
+            continue
+        if isinstance(m, nn.Linear) and not moe.is_router(n):
+            out[n.rsplit(".", 1)[-1]] = m.in_features
+        elif moe.is_fused_experts(m):
+            t = getattr(m, "is_transposed", False)
+            out["experts.gate_up_proj"] = m.gate_up_proj.shape[1 if t else 2]
+            out["experts.down_proj"] = m.down_proj.shape[1 if t else 2]
+    return out
 
 
 def f16_file(src_folder: Path, revision: str, t: llama_cpp.Tools, name: str) -> Path:
@@ -186,12 +196,25 @@ def run(spec: JobSpec, out_dir, *, dev, overwrite: bool, cache_dir, on_step, sho
     folder = fp16_folder(src)
     arch = architecture(folder, t)
     dtype = compute_dtype(dev)
-    model, tokenizer = load_model(src, dtype=dtype)
-    round_to_storage(model)
-    moe.unfuse_experts(model)                                           # each expert's own tokens for the matrix
-    widths = input_widths(model)
+    tokenizer = load_tokenizer(src)
+    loaded = []
+
+    def fp16():
+        """The fp16 model, loaded only when something needs it: a release's later sizes find the baseline,
+        calibration, F16 file and importance matrix made and never load it."""
+        if not loaded:
+            on_step("load")
+            model, _ = load_model(src, dtype=dtype)
+            round_to_storage(model)
+            moe.unfuse_experts(model)                                   # each expert's own tokens for the matrix
+            loaded.append(model)
+        return loaded[0]
+
+    facts = model_facts(src)
+    shape_model = facts.meta_model if facts is not None else fp16()
+    widths = input_widths(shape_model)
     note = fmt.fallback_note(spec.gguf_type, widths)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = sum(p.numel() for p in shape_model.parameters())
     storage.check_space(out_dir, n_params * 9 // 8)                     # at most Q8_0's 8.5 bits, plus the matrix
     storage.check_space(cache_root(), n_params * 2)                     # the F16 conversion
     times["load"] = time.perf_counter() - t0
@@ -200,9 +223,10 @@ def run(spec: JobSpec, out_dir, *, dev, overwrite: bool, cache_dir, on_step, sho
     ev = spec.evaluation
     if "kld" in ev.parts:
         ev = ev.model_copy(update={"suite": [p for p in ev.parts if p != "kld"]})
-    plan, base = fp16_baseline(spec.model_copy(update={"evaluation": ev}), model, tokenizer, revision, dev, shared,
-                               cache_dir, on_step, times)
-    calib = calibrate(spec, model, tokenizer, revision, shared, on_step, times) if spec.imatrix != "none" else None
+    plan, base = fp16_baseline(spec.model_copy(update={"evaluation": ev}), fp16, tokenizer, revision, dtype, dev,
+                               shared, cache_dir, on_step, times)
+    calib = (calibrate(spec, fp16, tokenizer, revision, dtype, shared, on_step, times)
+             if spec.imatrix != "none" else None)
     _check(should_stop)
 
     on_step("convert")
@@ -216,9 +240,10 @@ def run(spec: JobSpec, out_dir, *, dev, overwrite: bool, cache_dir, on_step, sho
         ti = time.perf_counter()
         where = cache_root() / "gguf-imatrix" / f"{f16.stem}-{calib.content_hash[:24]}-{spec.imatrix}.gguf"
         imat = shared.get("gguf_imatrix", str(where),
-                          lambda: make_imatrix(spec.imatrix, model, calib, f16, tokenizer, t, dev, where))
+                          lambda: make_imatrix(spec.imatrix, fp16() if spec.imatrix == "quantfarm" else None,
+                                               calib, f16, tokenizer, t, dev, where))
         times["imatrix"] = time.perf_counter() - ti
-    del model
+    loaded.clear()                                                      # freed before llama-quantize and the evaluation
     _check(should_stop)
 
     on_step("quantize")

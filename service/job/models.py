@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import threading
+from types import SimpleNamespace
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -384,6 +385,20 @@ def load_model(resolved: ResolvedModel, dtype: torch.dtype = torch.float32):
     _align_eos(model, tokenizer)
     model.eval()
     return model, tokenizer
+
+
+def load_tokenizer(resolved: ResolvedModel):
+    """The tokenizer `load_model` returns, without loading the weights (its EOS aligned with the config's)."""
+    from transformers import AutoConfig, AutoTokenizer
+    folder = fp16_folder(resolved)
+    common = dict(trust_remote_code=resolved.trust_remote_code, local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, **common)
+        config = AutoConfig.from_pretrained(folder, **common)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelSourceError(f"cannot load the tokenizer of {resolved.ref} from {folder}: {e}") from e
+    _align_eos(SimpleNamespace(config=getattr(config, "text_config", config)), tokenizer)
+    return tokenizer
 
 
 def fp16_folder(resolved: ResolvedModel) -> Path:

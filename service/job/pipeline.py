@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from calibration import build_calibration, eval_tokens
-from calibration.data import resolve_eval_source
+from calibration.data import resolve_calibration_source, resolve_eval_source
 from evaluation import report, serving, suite
 from core.errors import ArtifactError, ModelSourceError, SpecError
 from core.version import quantfarm_version
@@ -162,9 +162,9 @@ def run(spec: JobSpec, out_dir, *, device: str = "auto", state_dir=None, overwri
     size_before = sum(p.numel() for p in model.parameters()) * 2
     times["load"] = time.perf_counter() - t0
 
-    plan, base = fp16_baseline(spec, model, tokenizer, revision, dev, shared, cache_dir, on_step, times)
+    plan, base = fp16_baseline(spec, lambda: model, tokenizer, revision, dtype, dev, shared, cache_dir, on_step, times)
 
-    calib = calibrate(spec, model, tokenizer, revision, shared, on_step, times) \
+    calib = calibrate(spec, lambda: model, tokenizer, revision, dtype, shared, on_step, times) \
         if algorithm(cfg.algorithm).NEEDS_DATA else None
 
     on_step("quantize")
@@ -190,7 +190,7 @@ def run(spec: JobSpec, out_dir, *, device: str = "auto", state_dir=None, overwri
     rename = moe.checkpoint_renamer(model) or (lambda n: n)
     bpw = bits_per_weight(out, {rename(n) for n in quantized}, sum(qw.codes.numel() for qw in quantized.values()),
                           size_before // 2)
-    del model
+    model = None                                                        # freed before the evaluation
 
     evaluation = {}
     if plan is not None:
@@ -242,12 +242,13 @@ def resolve_pinned(spec: JobSpec, shared: Shared, model_roots) -> tuple:
     return src, revision
 
 
-def calibrate(spec: JobSpec, model, tokenizer, revision: str, shared: Shared, on_step, times: dict):
-    """The calibration set, built once per setting in a Shared."""
+def calibrate(spec: JobSpec, get_model, tokenizer, revision: str, dtype, shared: Shared, on_step, times: dict):
+    """The calibration set, built once per setting in a Shared (`get_model()`: the fp16 model, asked for only
+    when the calibration text is sampled from it)."""
     on_step("calibrate")
     t = time.perf_counter()
     c = spec.calibration
-    dtype = next(model.parameters()).dtype
+    model = get_model() if resolve_calibration_source(c.source) == "model" else None
     calib = shared.get("calibration", (revision, str(dtype), *c.model_dump().values()),
                        lambda: build_calibration(c.source, tokenizer, n_samples=c.samples, seq_len=c.seq_len,
                                                  seed=c.seed, model=model))
@@ -255,20 +256,24 @@ def calibrate(spec: JobSpec, model, tokenizer, revision: str, shared: Shared, on
     return calib
 
 
-def fp16_baseline(spec: JobSpec, model, tokenizer, revision: str, dev, shared: Shared, cache_dir, on_step,
-                  times: dict) -> tuple:
-    """(the evaluation plan, the fp16 model's results), both None without an evaluation suite; the model
-    goes back to the CPU after (the walk streams layers to the device itself)."""
+def fp16_baseline(spec: JobSpec, get_model, tokenizer, revision: str, dtype, dev, shared: Shared, cache_dir,
+                  on_step, times: dict) -> tuple:
+    """(the evaluation plan, the fp16 model's results), both None without an evaluation suite. `get_model()`
+    gives the fp16 model, asked for only on a baseline cache miss or for model-sampled text; it goes back to
+    the CPU after (the walk streams layers to the device itself)."""
     if not spec.evaluation.parts:
         return None, None
     on_step("evaluate fp16")
     t = time.perf_counter()
-    dtype = next(model.parameters()).dtype
     text = (revision, spec.evaluation.text, str(dtype))
+    sampled = resolve_eval_source(spec.evaluation.text) == "model"
     plan = suite.EvaluationPlan(spec.evaluation, spec.model, revision, dtype, dev, text_tokens=lambda: shared.get(
-        "eval_text", text, lambda: eval_tokens(spec.evaluation.text, tokenizer, model=model)))
-    base = plan.baseline(shared.baseline_cache(cache_dir), lambda: (model.to(dev), tokenizer))
-    model.to("cpu")
+        "eval_text", text, lambda: eval_tokens(spec.evaluation.text, tokenizer,
+                                               model=get_model() if sampled else None)))
+    used = []
+    base = plan.baseline(shared.baseline_cache(cache_dir), lambda: used.append(1) or (get_model().to(dev), tokenizer))
+    if used:
+        get_model().to("cpu")
     times["evaluate_fp16"] = time.perf_counter() - t
     return plan, base
 
