@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from calibration import build_calibration, eval_tokens  # noqa: E402
 from quantizers import llama_cpp  # noqa: E402
-from quantizers.formats.gguf import PRESET  # noqa: E402
+from quantizers.formats.gguf import PRESET, file_summary  # noqa: E402
 from service.job import gguf_job  # noqa: E402
 from service.job.models import fp16_folder, load_model, resolve_model  # noqa: E402
 from service.job.pipeline import round_to_storage  # noqa: E402
@@ -65,7 +65,7 @@ def main():
                 llama_cpp.quantize(t, f16, q, typ, m)
                 qs = time.perf_counter() - t0
                 r = llama_cpp.perplexity(t, q, None, 512, a.chunks, kld_base=d / "base.bin")
-                sizes = gguf_job.gguf_sizes(q)
+                sizes = file_summary(q)
                 rows.append({"type": typ, "imatrix": kind, "mib": q.stat().st_size / 2 ** 20,
                              "bpw": sizes["bits_per_weight"]["overall"], "quantize_s": qs, **r})
                 q.unlink()

@@ -109,3 +109,28 @@ def kind(gguf_name: str) -> str:
     """blk.3.attn_q.weight -> attn_q; output.weight -> output."""
     parts = gguf_name.split(".")
     return parts[2] if parts[0] == "blk" and len(parts) > 2 else parts[0]
+
+
+def file_summary(path) -> dict:
+    """What a GGUF file holds, from its own header: metadata (tokenizer arrays left out), tensor count per
+    ggml type (all tensors, and the decoder's weight matrices), bits per weight of both, and the fraction
+    of the decoder's weights in a quantized type."""
+    import gguf
+    r = gguf.GGUFReader(str(path))
+    meta = {k: v.contents() for k, v in r.fields.items()
+            if not k.startswith("tokenizer.") and isinstance(v.contents(), (str, int, float))}
+    lin = [x for x in r.tensors if x.name.startswith("blk.") and len(x.shape) >= 2]
+
+    def count(ts):
+        out: dict[str, int] = {}
+        for x in ts:
+            out[x.tensor_type.name] = out.get(x.tensor_type.name, 0) + 1
+        return out
+
+    def bpw(ts):
+        return round(8 * sum(int(x.n_bytes) for x in ts) / max(sum(int(x.n_elements) for x in ts), 1), 3)
+    lin_n = sum(int(x.n_elements) for x in lin)
+    quantized = sum(int(x.n_elements) for x in lin if x.tensor_type.name not in ("F16", "F32", "BF16"))
+    return {"meta": meta, "tensors": len(r.tensors), "types": count(r.tensors), "weight_types": count(lin),
+            "bits_per_weight": {"quantized_linears": bpw(lin), "overall": bpw(r.tensors)},
+            "fraction_quantized": round(quantized / max(lin_n, 1), 4)}

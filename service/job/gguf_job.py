@@ -34,6 +34,10 @@ from .shared import Shared
 from .spec import JobSpec
 
 
+# Files above this are split without being asked: the Hugging Face Hub takes files of at most 50 GB.
+AUTO_SHARD, AUTO_SHARD_ABOVE = "48G", 48 * 10 ** 9
+
+
 def _check(should_stop):
     if should_stop is not None and should_stop():
         raise Cancelled("cancelled")
@@ -155,30 +159,6 @@ def llama_eval(plan, f16: Path, quant: Path, tokenizer, t: llama_cpp.Tools, shar
             "recovery": f16_res["perplexity"] / q["perplexity"] if q.get("perplexity") else None}
 
 
-def tensor_types(path: Path) -> dict[str, str]:
-    import gguf
-    return {x.name: x.tensor_type.name for x in gguf.GGUFReader(str(path)).tensors}
-
-
-def gguf_sizes(path: Path) -> dict:
-    """Bits per weight of the file: of its 2-D decoder weights and overall (embeddings, head and norms too),
-    and the count of weights per ggml type."""
-    import gguf
-    r = gguf.GGUFReader(str(path))
-    lin = [x for x in r.tensors if x.name.startswith("blk.") and len(x.shape) >= 2]
-    types: dict[str, int] = {}
-    for x in lin:
-        types[x.tensor_type.name] = types.get(x.tensor_type.name, 0) + 1
-    total = sum(int(x.n_elements) for x in r.tensors)
-    lin_n = sum(int(x.n_elements) for x in lin)
-    return {"bits_per_weight": {"quantized_linears": round(8 * sum(int(x.n_bytes) for x in lin) / max(lin_n, 1), 3),
-                                "overall": round(8 * sum(int(x.n_bytes) for x in r.tensors) / max(total, 1), 3)},
-            "types": types,
-            "fraction_quantized": round(sum(int(x.n_elements) for x in lin if x.tensor_type.name not in ("F16", "F32",
-                                                                                                       "BF16"))
-                                        / max(lin_n, 1), 4)}
-
-
 def load_gguf(path: Path, dtype):
     """The GGUF as transformers' GGUF loader dequantizes it (what the suite's task rows evaluate)."""
     from transformers import AutoModelForCausalLM
@@ -260,7 +240,7 @@ def run(spec: JobSpec, out_dir, *, dev, overwrite: bool, cache_dir, on_step, sho
             shutil.copyfile(imat, work / "imatrix.gguf")
         tokenizer.save_pretrained(work)                                  # transformers' GGUF users read it
         times["quantize"] = time.perf_counter() - tq
-        sizes = gguf_sizes(qfile)
+        sizes = fmt.file_summary(qfile)
         _check(should_stop)
 
         evaluation, lcpp = {}, None
@@ -271,9 +251,10 @@ def run(spec: JobSpec, out_dir, *, dev, overwrite: bool, cache_dir, on_step, sho
             evaluation = suite.compare(plan, base, plan.quantized(load_gguf(qfile, dtype).to(dev), tokenizer))
             times["evaluate_quantized"] = time.perf_counter() - te
         files = [qfile.name]
-        if spec.gguf_shard:
+        shard = spec.gguf_shard or (AUTO_SHARD if qfile.stat().st_size > AUTO_SHARD_ABOVE else None)
+        if shard:
             on_step("shard")
-            files = [p.name for p in llama_cpp.split(t, qfile, spec.gguf_shard)]
+            files = [p.name for p in llama_cpp.split(t, qfile, shard)]
         if out.exists():
             shutil.rmtree(out)
         os.replace(work, out)
@@ -297,7 +278,7 @@ def run(spec: JobSpec, out_dir, *, dev, overwrite: bool, cache_dir, on_step, sho
                     calibration_source=calib.source if calib else None, seconds=times,
                     size_before_bytes=n_params * 2, size_after_bytes=sum((out / f).stat().st_size for f in files),
                     perplexity=perplexity_summary(evaluation), warnings=[note] if note else [], preflight=checks,
-                    coverage={"fraction": sizes["fraction_quantized"], "types": sizes["types"]}, settings=used,
+                    coverage={"fraction": sizes["fraction_quantized"], "types": sizes["weight_types"]}, settings=used,
                     bits_per_weight=sizes["bits_per_weight"], evaluation=evaluation, llama_cpp=lcpp)
     report.write(out, {"quantfarm": quantfarm_version(), "spec": spec.model_dump(), "source_card": source_card(src),
                        **asdict(result)})

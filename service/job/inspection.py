@@ -70,23 +70,16 @@ def gguf_files(path: Path) -> list[Path]:
 
 def describe_gguf(files: list[Path]) -> dict:
     """A GGUF artifact (one file, or a folder of them: sizes or shards) from its own metadata and tensor types."""
-    import gguf
+    from quantizers.formats.gguf import file_summary
     out = {"artifact": str(files[0].parent.resolve()), "format": "gguf", "files": []}
     for f in files:
-        r = gguf.GGUFReader(str(f))
-        meta = {k: v.contents() for k, v in r.fields.items()
-                if not k.startswith("tokenizer.") and isinstance(v.contents(), (str, int, float))}
-        arch = meta.get("general.architecture")
-        types: dict[str, int] = {}
-        for t in r.tensors:
-            types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
-        n = sum(int(t.n_elements) for t in r.tensors)
+        s = file_summary(f)
+        meta, arch = s["meta"], s["meta"].get("general.architecture")
         out["files"].append({
             "file": f.name, "bytes": f.stat().st_size, "architecture": arch, "name": meta.get("general.name"),
             "file_type": meta.get("general.file_type"), "layers": meta.get(f"{arch}.block_count"),
             "hidden_size": meta.get(f"{arch}.embedding_length"), "split": meta.get("split.count"),
-            "tensors": len(r.tensors), "types": types,
-            "bits_per_weight": round(8 * sum(int(t.n_bytes) for t in r.tensors) / max(n, 1), 3),
+            "tensors": s["tensors"], "types": s["types"], "bits_per_weight": s["bits_per_weight"]["overall"],
             "quantization_version": meta.get("general.quantization_version")})
     rep = files[0].parent / "report.json"
     if rep.is_file():

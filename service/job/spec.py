@@ -101,7 +101,8 @@ class JobSpec(BaseModel):
                                                   "llama (llama.cpp's llama-imatrix on the calibration text), none")
     gguf_shard: str | None = Field(None, pattern=r"^[1-9][0-9]{0,5}[MG]$",
                                    description="format gguf: split files into parts of at most this size "
-                                               "(e.g. 48G) with llama-gguf-split")
+                                               "(e.g. 4G) with llama-gguf-split; unset: files over 48 GB are "
+                                               "split at 48G (the Hub takes at most 50 GB a file)")
     calibration: Calibration = Calibration()
     evaluation: Evaluation = Evaluation()
     allow_pickle: bool = False
