@@ -174,7 +174,7 @@ def gguf_settings_line(st: dict) -> str:
 def gguf_usage(st: dict, folder_name: str) -> list[str]:
     first = st["files"][0]
     return ["llama.cpp (and the runtimes built on it: Ollama, LM Studio):", "", "```sh",
-            f"llama-cli -m {folder_name}/{first} -p \"The capital of France is\" -n 16", "```", "",
+            f"llama-completion -m {folder_name}/{first} -p \"The capital of France is\" -n 16 -no-cnv", "```", "",
             *(["transformers (with gguf installed; it dequantizes the weights to 16 bits):", "", "```python",
                "from transformers import AutoModelForCausalLM, AutoTokenizer",
                f"model_dir = \"{folder_name}\"  # this folder, or its Hub id once published",

