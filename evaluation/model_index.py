@@ -46,7 +46,13 @@ def front_matter(report: dict, name: str) -> str:
                               ["quantized", "gguf", s["gguf_type"], "llama.cpp", *(["imatrix"] if s["imatrix"] != "none"
                                                                                    else []), "quantfarm"]))
     extra = {"quantized_by": "quantfarm"}
-    if hub:
+    merged = report.get("merge")
+    if merged:                          # the merge's Hub sources are its base models
+        tags += ["merge", "mergekit"]
+        hub_sources = [x["model"].split("@")[0] for x in merged["sources"] if x["kind"] == "hub"]
+        if hub_sources:
+            extra.update(base_model=hub_sources, base_model_relation="merge")
+    elif hub:
         extra.update(base_model=s["model"], base_model_relation="quantized", base_model_revision=report.get("revision"))
     results = eval_results(report)
     data = ModelCardData(license=src.get("license"), language=src.get("language"), library_name="gguf" if s["format"] == "gguf" else "transformers",

@@ -203,6 +203,34 @@ def llama_cpp_lines(part: dict | None) -> list[str]:
             "file's:", "", markdown_table(llama_cpp_rows(part))]
 
 
+def merge_rows(report: dict) -> list[list[str]]:
+    """Header + one row per benchmark: each merge source's fp16 score, the merged model's, the quantized one's;
+    what the merge cost and what the quantization cost, side by side."""
+    mg, ev = report.get("merge") or {}, report.get("evaluation") or {}
+    sources = mg.get("sources") or []
+    rows = [["benchmark", *[f"{s['model']} (fp16)" for s in sources], "merged (fp16)", "quantized", "recovery"]]
+    for r in ev.get("rows", []):
+        rows.append([r["name"], *[num((s.get("scores") or {}).get(r["name"]), r["name"]) for s in sources],
+                     num(r["fp16"], r["name"]), num(r["quantized"], r["name"]), pct(r["recovery"])])
+    return rows
+
+
+def merge_lines(report: dict) -> list[str]:
+    """Markdown: the merge this model is, its sources at their revisions, their scores, and the recipe."""
+    mg = report.get("merge")
+    if not mg:
+        return []
+    import yaml
+    out = ["", "## Merge", "", f"The quantized model is a **{mg['method']}** merge, made by mergekit {mg['mergekit']} "
+           f"(seed {mg['seed']}, merge key `{mg['key'][:16]}`), of:", ""]
+    out += [f"- `{s['model']}` at `{s['revision']}`" + (f" ({s['note']})" if s.get("note") else "")
+            for s in mg["sources"]]
+    if len(merge_rows(report)) > 1:
+        out += ["", "Each source's fp16 score beside the merged model's and the quantized model's (recovery: "
+                "quantized against the merged fp16 model):", "", markdown_table(merge_rows(report))]
+    return out + ["", "The recipe:", "", "```yaml", yaml.safe_dump(mg["recipe"], sort_keys=False).rstrip(), "```"]
+
+
 def serving_lines(part: dict | None, folder_name: str) -> list[str]:
     """Markdown: the vLLM inference performance section (nothing when serving was not measured); the serve
     command names this folder as the card's other snippets do (run it beside the folder)."""
@@ -240,6 +268,7 @@ def model_card(report: dict, folder_name: str = "path/to/this/folder") -> str:
                   markdown_table(kld_rows(ev["kld"])), ""]
     lines += [f"- {n}" for n in notes(ev)]
     lines += llama_cpp_lines(report.get("llama_cpp"))
+    lines += merge_lines(report)
     lines += serving_lines(report.get("serving"), folder_name)
     ver = ev["versions"]
     lines += ["", f"Evaluated with lm-eval {ver['lm_eval']}, transformers {ver['transformers']}, torch {ver['torch']}. "
@@ -363,6 +392,10 @@ def html_page(report: dict) -> str:
     parts += ["<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes(ev)) + "</ul>"]
     if report.get("llama_cpp"):
         parts += ["<h2>llama.cpp perplexity and KL divergence</h2>", html_table(llama_cpp_rows(report["llama_cpp"]))]
+    if report.get("merge"):
+        mg = report["merge"]
+        parts += [f"<h2>Merge ({html.escape(mg['method'])}, mergekit {html.escape(mg['mergekit'])})</h2>",
+                  html_table(merge_rows(report))]
     sv = report.get("serving")
     if sv and "error" not in sv:
         parts += ["<h2>vLLM inference performance</h2>", f"<p>{html.escape(sv['note'])}.</p>",

@@ -42,7 +42,8 @@ def spec_arguments(p):
 
 
 def model_arguments(p):
-    p.add_argument("model", help="smollm2-135m (built-in demo), a Hugging Face id org/name, a local folder, or a .gguf file")
+    p.add_argument("model", help="smollm2-135m (built-in demo), a Hugging Face id org/name, a local folder, a .gguf file, "
+                                 "or a mergekit recipe (.yaml: its models are merged, then quantized)")
     p.add_argument("--revision", help="Hub branch, tag or commit (pinned to a commit sha)")
 
 
@@ -129,9 +130,22 @@ def evaluation_from_args(a) -> dict:
             "data_dir": a.data_dir, "serving": a.serving, **_given(windows=a.eval_windows)}
 
 
+def model_source(ref: str, revision: str | None) -> dict:
+    """{model, revision}, or for a merge recipe file (.yaml/.yml) {model: its name, merge: the recipe}: the recipe
+    travels inside the spec, so a server never reads the submitter's files."""
+    from service.job import merge
+    if not merge.is_recipe_path(ref):
+        return {"model": ref, "revision": revision}
+    if revision:
+        from core.errors import SpecError
+        raise SpecError("--revision: a merge recipe pins its own sources (name them org/name@revision in it)")
+    from pathlib import Path
+    return {"model": Path(ref).stem, "merge": merge.load_recipe(ref)}
+
+
 def shared_from_args(a) -> dict:
     """The settings `data_arguments` read, as JobSpec/ReleaseSpec fields."""
-    return dict(model=a.model, revision=a.revision,
+    return dict(**model_source(a.model, a.revision),
                 calibration={"source": a.calibration, "seq_len": a.seq_len, "seed": a.seed, **_given(samples=a.samples)},
                 evaluation=evaluation_from_args(a), min_recovery=a.min_recovery,
                 allow_pickle=a.allow_pickle, trust_remote_code=a.trust_remote_code,

@@ -128,6 +128,30 @@ def publish_exit(folder, spec) -> int:
     return 0
 
 
+def _merge_parser(sub):
+    p = sub.add_parser("merge", help="merge the models of a mergekit recipe into a folder, without quantizing",
+                       formatter_class=HelpWithDefaults)
+    p.add_argument("recipe", help="a mergekit YAML recipe; its models: Hub ids (org/name[@revision]), local folders")
+    p.add_argument("--out", required=True, help="folder for the merged model")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--allow-pickle", action="store_true", help="accept pickle (.bin) weights in the sources")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the sources' own Python code to run")
+    p.set_defaults(func=cmd_merge)
+
+
+def cmd_merge(a) -> int:
+    from service.job import merge
+    m = merge.pin(merge.load_recipe(a.recipe), allow_pickle=a.allow_pickle, trust_remote_code=a.trust_remote_code)
+    cached = m.built
+    out = merge.export(m, a.out, overwrite=a.overwrite, on_step=Progress().on_step)
+    print(f"\nmerged       {out}{' (from the cache)' if cached else ''}")
+    print(f"method       {m.method} (mergekit {merge.mergekit_version()}, seed {merge.SEED})")
+    for p, src in m.sources.items():
+        print(f"source       {p} @ {src.revision or src.content_hash}")
+    print(f"merge key    {m.key}")
+    return 0
+
+
 def _publish_parser(sub):
     p = sub.add_parser("publish", help="publish a finished artifact (again) without quantizing", formatter_class=HelpWithDefaults)
     p.add_argument("artifact", help="an artifact folder written by quantfarm")
@@ -259,6 +283,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="quantfarm", description="Quantize models into standard GPTQ, AWQ and compressed-tensors checkpoints.")
     sub = parser.add_subparsers(dest="command", required=True)
     _quantize_parser(sub)
+    _merge_parser(sub)
     _inspect_parser(sub)
     _eval_parser(sub)
     _publish_parser(sub)

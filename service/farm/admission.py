@@ -20,6 +20,8 @@ from quantizers import estimates
 from quantizers.formats import gguf as gguf_format
 from service.job import gguf_job, preflight, storage
 from service.job.facts import ModelFacts, model_facts
+from service.job import merge as merge_check
+from service.job.merge import resolve_source
 from service.job.models import ResolvedModel, resolve_model
 from service.job.pipeline import target
 from service.job.spec import JobSpec
@@ -54,12 +56,12 @@ class Admitted:
 
 def pin(spec, *, admin: bool, policy: Policy) -> ResolvedModel:
     """The server's policy on the spec's source, then the source resolved (a Hub revision to its commit, a
-    local model to its content hash). `spec`: a JobSpec or a ReleaseSpec."""
+    local model to its content hash, a merge recipe to the hash of the recipe and its sources' revisions).
+    `spec`: a JobSpec or a ReleaseSpec."""
     check_trust(spec, policy, admin)
     check_local_files(spec, policy)
     check_publish(spec, policy, admin)
-    return resolve_model(spec.model, spec.revision, allow_pickle=spec.allow_pickle,
-                         trust_remote_code=spec.trust_remote_code, local_roots=list(policy.model_roots))
+    return resolve_source(spec, local_roots=list(policy.model_roots), build_merge=False)   # a merge: made by the worker
 
 
 def admit(spec: JobSpec, *, admin: bool, policy: Policy, artifact_root: Path,
@@ -93,3 +95,7 @@ def warm_up(demo: str = "smollm2-135m") -> None:
         model_facts(resolve_model(demo))
     except Exception as e:
         log.warning("warm-up on %s failed: %s", demo, e)
+    try:
+        merge_check.load_mergekit()                  # 2 s of imports (peft) a first merge recipe would wait for
+    except ImportError as e:
+        log.warning("mergekit is not importable: merge recipes will be refused (%s)", e)

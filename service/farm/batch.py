@@ -21,6 +21,7 @@ from sqlalchemy.exc import IntegrityError
 
 from core.errors import QuantfarmError, SpecError
 from evaluation.suite import Evaluation
+from service.job import merge
 from service.job.release import PRESETS, ReleaseSpec, Variant
 from service.job.spec import Calibration
 
@@ -39,8 +40,10 @@ class Gate(BaseModel):
 
 class TrackedModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    model: str = Field(..., min_length=1, max_length=300)
+    model: str = Field(..., min_length=1, max_length=300, description="the source; with `merge`: the merged model's "
+                       "name; a .yaml path (relative to the batch file): a mergekit recipe file")
     track: str | None = Field(None, max_length=256, description="Hub branch or tag to follow (default: main)")
+    merge: dict | None = Field(None, description="a mergekit recipe, re-merged when one of its sources changes")
     preset: str | None = None
     variants: list[Variant] = Field([], max_length=32)
 
@@ -71,7 +74,7 @@ class BatchSpec(BaseModel):
         m = self.models[i]
         own = {"preset": m.preset} if m.preset else {"variants": m.variants} if m.variants else \
             {"preset": self.preset} if self.preset else {"variants": self.variants}
-        return ReleaseSpec(model=m.model, revision=m.track, **own, calibration=self.calibration,
+        return ReleaseSpec(model=m.model, revision=m.track, merge=m.merge, **own, calibration=self.calibration,
                            evaluation=self.evaluation, publish=self.publish, min_recovery=self.gate.min_recovery,
                            priority=self.priority)
 
@@ -88,6 +91,11 @@ def load(path) -> BatchSpec:
     if not isinstance(data, dict):
         raise SpecError(f"batch file {p}: expected a mapping with `models:`")
     data.setdefault("name", p.stem)
+    for m in data.get("models") or []:              # recipe files named by path travel inline, like the CLI's
+        if isinstance(m, dict) and isinstance(m.get("model"), str) and merge.is_recipe_path(m["model"]) \
+                and "merge" not in m:
+            recipe = p.parent / m["model"]
+            m["model"], m["merge"] = recipe.stem, merge.load_recipe(recipe)
     try:
         return BatchSpec.model_validate(data)
     except ValidationError as e:

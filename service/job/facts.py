@@ -48,7 +48,10 @@ def _read_facts(src: ResolvedModel) -> ModelFacts | None:
     from quantizers.layers import decoder_layers
     try:
         kw = {"gguf_file": src.gguf_file} if src.gguf_file else {}
-        cfg = AutoConfig.from_pretrained(src.path, trust_remote_code=False, local_files_only=True, **kw)
+        if src.merge is not None and not src.merge.built:         # a merge not made yet: the config it will have
+            cfg = src.merge.out_config()
+        else:
+            cfg = AutoConfig.from_pretrained(src.path, trust_remote_code=False, local_files_only=True, **kw)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(cfg)
         decoder_layers(model)

@@ -58,8 +58,9 @@ def preflight(src) -> llama_cpp.Tools:
     """What a farm checks at submission: the tools are built, and (when the source has a config.json to read
     without converting anything) the converter knows its architecture."""
     t = llama_cpp.tools()
-    if (Path(src.path) / "config.json").is_file() and not src.gguf_file:
-        architecture(Path(src.path), t)
+    folder = Path(src.path) if src.merge is None or src.merge.built else fp16_folder(src.merge.base())
+    if (folder / "config.json").is_file() and not src.gguf_file:
+        architecture(folder, t)                 # a merge not made yet: its sources' architecture
     return t
 
 
@@ -168,11 +169,11 @@ def load_gguf(path: Path, dtype):
 
 def run(spec: JobSpec, out_dir, *, dev, overwrite: bool, cache_dir, on_step, should_stop, model_roots,
         shared: Shared):
-    from .pipeline import (Result, calibrate, compute_dtype, fp16_baseline, perplexity_summary, resolve_pinned,
-                           round_to_storage)
+    from .pipeline import (Result, calibrate, compute_dtype, fp16_baseline, merge_part, perplexity_summary,
+                           resolve_pinned, round_to_storage)
     times, t0 = {}, time.perf_counter()
     on_step("resolve")
-    src, revision = resolve_pinned(spec, shared, model_roots)
+    src, revision = resolve_pinned(spec, shared, model_roots, on_step, should_stop)
     t = llama_cpp.tools()                                               # clear errors before any work
     folder = fp16_folder(src)
     arch = architecture(folder, t)
@@ -226,6 +227,7 @@ def run(spec: JobSpec, out_dir, *, dev, overwrite: bool, cache_dir, on_step, sho
         times["imatrix"] = time.perf_counter() - ti
     loaded.clear()                                                      # freed before llama-quantize and the evaluation
     _check(should_stop)
+    merged = merge_part(src, plan, dtype, dev, shared, cache_dir, on_step, times)
 
     on_step("quantize")
     tq = time.perf_counter()
@@ -280,7 +282,7 @@ def run(spec: JobSpec, out_dir, *, dev, overwrite: bool, cache_dir, on_step, sho
                     size_before_bytes=n_params * 2, size_after_bytes=sum((out / f).stat().st_size for f in files),
                     perplexity=perplexity_summary(evaluation), warnings=[note] if note else [], preflight=checks,
                     coverage={"fraction": sizes["fraction_quantized"], "types": sizes["weight_types"]}, settings=used,
-                    bits_per_weight=sizes["bits_per_weight"], evaluation=evaluation, llama_cpp=lcpp)
+                    bits_per_weight=sizes["bits_per_weight"], evaluation=evaluation, llama_cpp=lcpp, merge=merged)
     report.write(out, {"quantfarm": quantfarm_version(), "spec": spec.model_dump(), "source_card": source_card(src),
                        **asdict(result)})
     return result

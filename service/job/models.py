@@ -19,7 +19,7 @@ import re
 import shutil
 import threading
 from types import SimpleNamespace
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -55,7 +55,7 @@ DEMO_MODELS: dict[str, DemoModel] = {
 
 @dataclass(frozen=True)
 class ResolvedModel:
-    kind: str                   # "hub" | "local" | "gguf" | "demo"
+    kind: str                   # "hub" | "local" | "gguf" | "demo" | "merge"
     ref: str                    # what the user asked for
     path: str                   # local directory holding the model (snapshot dir, local dir, dir of the gguf)
     gguf_file: str | None       # file name inside `path` for gguf/demo
@@ -63,6 +63,7 @@ class ResolvedModel:
     content_hash: str           # hub: commit sha; otherwise sha256 of the model's files
     allow_pickle: bool
     trust_remote_code: bool
+    merge: object = field(default=None, compare=False, repr=False)   # kind "merge": its service.job.merge.Merge
 
 
 # --------------------------------------------------------------------------------------------- file selection

@@ -3,6 +3,7 @@
 The CLI's `quantize` and (later) the job workers both call `run`; the steps report progress
 through callbacks so each front end shows it its own way.
 """
+import json
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -22,7 +23,8 @@ from quantizers.config import QuantConfig
 from quantizers.layers import mark_kept
 from quantizers.walk import LayerReport, check_coverage, coverage, quantize_model
 
-from . import preflight, storage
+from . import merge, preflight, storage
+from .merge import resolve_source
 from .models import fp16_folder, load_model, resolve_model, source_card
 from .shared import Shared
 from .spec import JobSpec
@@ -63,6 +65,7 @@ class Result:
     reused: dict = field(default_factory=dict)            # work taken from a release's Shared, by kind
     serving: dict | None = None                          # vLLM serving numbers, artifact against fp16
     llama_cpp: dict | None = None                        # GGUF: llama.cpp's perplexity and KLD against its F16
+    merge: dict | None = None                            # a merge recipe's source: recipe, sources, their fp16 scores
 
     @property
     def recovery(self) -> float | None:
@@ -145,7 +148,7 @@ def run(spec: JobSpec, out_dir, *, device: str = "auto", state_dir=None, overwri
                             should_stop=should_stop, model_roots=model_roots, shared=shared)
 
     on_step("resolve")
-    src, revision = resolve_pinned(spec, shared, model_roots)
+    src, revision = resolve_pinned(spec, shared, model_roots, on_step, should_stop)
     dtype = compute_dtype(dev)
     model, tokenizer = load_model(src, dtype=dtype)
     round_to_storage(model)
@@ -191,6 +194,7 @@ def run(spec: JobSpec, out_dir, *, device: str = "auto", state_dir=None, overwri
     bpw = bits_per_weight(out, {rename(n) for n in quantized}, sum(qw.codes.numel() for qw in quantized.values()),
                           size_before // 2)
     model = None                                                        # freed before the evaluation
+    merged = merge_part(src, plan, dtype, dev, shared, cache_dir, on_step, times)
 
     evaluation = {}
     if plan is not None:
@@ -221,25 +225,51 @@ def run(spec: JobSpec, out_dir, *, device: str = "auto", state_dir=None, overwri
                     layers=[{"index": r.index, "seconds": r.seconds, "modules": r.modules} for r in reports],
                     warnings=notes, preflight=checks, coverage=cover, settings=used,
                     bits_per_weight=bpw, evaluation=evaluation, reused=dict(shared.reused - reused_before),
-                    serving=serving_part)
+                    serving=serving_part, merge=merged)
     report.write(out, {"quantfarm": quantfarm_version(), "spec": spec.model_dump(), "source_card": source_card(src),
                        **asdict(result)})
     return result
 
 
-def resolve_pinned(spec: JobSpec, shared: Shared, model_roots) -> tuple:
-    """(the resolved source, its pinned revision), refusing a local source whose content changed since the
-    job was made (its revision is then a content hash)."""
-    src = shared.get("resolve", (spec.model, spec.revision, spec.allow_pickle, spec.trust_remote_code,
-                                 tuple(map(str, model_roots or ()))),
-                     lambda: resolve_model(spec.model, spec.revision, allow_pickle=spec.allow_pickle,
-                                           trust_remote_code=spec.trust_remote_code, local_roots=model_roots))
+def resolve_key(spec, model_roots) -> tuple:
+    """What a resolved source is remembered under in a Shared (a release's variants find it there)."""
+    return (spec.model, spec.revision, spec.allow_pickle, spec.trust_remote_code, tuple(map(str, model_roots or ())),
+            json.dumps(spec.merge, sort_keys=True))
+
+
+def resolve_pinned(spec: JobSpec, shared: Shared, model_roots, on_step=_noop, should_stop=None) -> tuple:
+    """(the resolved source, its pinned revision), refusing a local source (or a merge) whose content changed
+    since the job was made (its revision is then a content hash). A merge recipe is merged here (cached)."""
+    src = shared.get("resolve", resolve_key(spec, model_roots), lambda: resolve_source(spec, local_roots=model_roots, on_step=on_step,
+                                                            should_stop=should_stop))
     revision = src.revision or src.content_hash
     if src.revision is None and spec.revision and spec.revision != src.content_hash:
+        what = "its merge recipe's sources" if spec.merge is not None else "its files"
         raise ModelSourceError(f"{spec.model} was pinned at content hash {spec.revision[:16]}... when the job was "
-                               f"made, and its files now hash to {src.content_hash[:16]}...: the model changed since; "
+                               f"made, and {what} now hash to {src.content_hash[:16]}...: the model changed since; "
                                "submit it again to quantize what is there now")
     return src, revision
+
+
+def merge_part(src, plan, dtype, dev, shared: Shared, cache_dir, on_step, times: dict) -> dict | None:
+    """A merged source's part of the report: the recipe, each source at its revision and, with an evaluation,
+    each source's fp16 scores (cached like any baseline) beside the merged model's; None for other sources."""
+    if src.merge is None:
+        return None
+    part = merge.provenance(src.merge)
+    if plan is not None:
+        on_step("evaluate merge sources")
+        t = time.perf_counter()
+
+        def load(s):
+            m, tok = load_model(s, dtype=dtype)
+            round_to_storage(m)
+            return m.to(dev), tok
+        scores = merge.source_scores(src.merge, plan, shared.baseline_cache(cache_dir), load, dtype, dev)
+        for row in part["sources"]:
+            row.update(scores[row["model"]])
+        times["evaluate_sources"] = time.perf_counter() - t
+    return part
 
 
 def calibrate(spec: JobSpec, get_model, tokenizer, revision: str, dtype, shared: Shared, on_step, times: dict):
@@ -315,8 +345,12 @@ def evaluate_artifact(folder, ev: suite.Evaluation, *, device: str = "auto", cac
     dev = pick_device(device)
     dtype = compute_dtype(dev)
     on_step("resolve")
-    src = resolve_model(model_id, revision if _is_commit(revision) else None,
-                        allow_pickle=spec.get("allow_pickle", False), trust_remote_code=spec.get("trust_remote_code", False))
+    if spec.get("merge") is not None:                  # merged again from the recipe unless cached
+        src = resolve_source(JobSpec.model_validate(spec).model_copy(update={"revision": None}), on_step=on_step)
+    else:
+        src = resolve_model(model_id, revision if _is_commit(revision) else None,
+                            allow_pickle=spec.get("allow_pickle", False),
+                            trust_remote_code=spec.get("trust_remote_code", False))
     pinned = src.revision or src.content_hash
     if revision and pinned != revision:
         raise ArtifactError(f"{folder} was made from {model_id} @ {revision}, but that now resolves to {pinned}; "

@@ -12,7 +12,7 @@ from quantizers.scheme import ActOrder
 
 from quantizers.formats.gguf import PRESET as GGUF_PRESET
 
-from .spec import Calibration, JobSpec, _no_nul, check_targets, local_targets, settings_label
+from .spec import Calibration, JobSpec, _no_nul, check_merge, check_targets, local_targets, settings_label
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 MAX_VARIANTS = 32
@@ -70,8 +70,9 @@ class ReleaseSpec(BaseModel):
     """What `quantfarm release` and POST /v1/releases take: a model, its variants (a list or a preset),
     and the settings every variant shares."""
     model_config = ConfigDict(extra="forbid")
-    model: str = Field(..., min_length=1, max_length=300)
+    model: str = Field(..., min_length=1, max_length=300, description="the source; with `merge`: the merged model's name")
     revision: str | None = Field(None, max_length=256)
+    merge: dict | None = Field(None, description="a mergekit recipe: every variant quantizes its merge (made once)")
     preset: str | None = Field(None, description=" | ".join(PRESETS))
     variants: list[Variant] = Field([], max_length=MAX_VARIANTS)
     calibration: Calibration = Calibration()
@@ -93,6 +94,11 @@ class ReleaseSpec(BaseModel):
     def _targets(cls, v):
         return check_targets(v)
 
+    @field_validator("merge")
+    @classmethod
+    def _merge(cls, v):
+        return check_merge(v)
+
     @model_validator(mode="after")
     def _one_source_of_variants(self):
         if (self.preset is None) == (not self.variants):
@@ -113,7 +119,7 @@ class ReleaseSpec(BaseModel):
         return self
 
     def _job(self, v: Variant, revision: str | None = None) -> JobSpec:
-        common = self.model_dump(include={"model", "calibration", "evaluation", "allow_pickle", "trust_remote_code",
+        common = self.model_dump(include={"model", "merge", "calibration", "evaluation", "allow_pickle", "trust_remote_code",
                                           "priority", "publish", "min_recovery"})
         return JobSpec.model_validate({**common, **v.model_dump(include=set(VARIANT_FIELDS)),
                                        "revision": revision or self.revision, "name": v.label()})
@@ -198,17 +204,18 @@ def run(rs: ReleaseSpec, out_root, *, device: str = "auto", cache_dir=None, over
     from evaluation import release_report, report
 
     from . import pipeline, publish, storage
-    from .models import resolve_model
+    from .merge import resolve_source
     from .shared import Shared
 
     out_root = Path(out_root)
     storage.check_writable(out_root / "release.json")
     targets = local_targets(rs.publish)
-    src = resolve_model(rs.model, rs.revision, allow_pickle=rs.allow_pickle, trust_remote_code=rs.trust_remote_code)
+    src = resolve_source(rs, build_merge=False)
     revision = src.revision or src.content_hash
     shared = Shared()               # the variants' jobs name the pinned revision: they find the source resolved
-    shared.put("resolve", (rs.model, revision, rs.allow_pickle, rs.trust_remote_code, ()), src)
     jobs = rs.jobs(revision, input_widths(src))
+    if src.merge is None:
+        shared.put("resolve", pipeline.resolve_key(jobs[0][1], None), src)
     for _name, job, _note in jobs:                     # every variant's folder is checked before the first runs
         storage.check_replaceable(out_root / _name, overwrite)
     rows = []

@@ -72,6 +72,14 @@ def check_targets(targets: list[str]) -> list[str]:
         raise ValueError(str(e)) from None
 
 
+def check_merge(recipe: dict | None) -> dict | None:
+    """A merge recipe mergekit accepts, every key and parameter known (service/job/merge.py)."""
+    if recipe is not None:
+        from .merge import check
+        check(recipe)
+    return recipe
+
+
 def local_targets(targets: list[str]) -> list:
     """(entry, Target) for a run here: URLs and hub are fine, a farm's target names are not known here."""
     from .publish import parse_target
@@ -80,8 +88,14 @@ def local_targets(targets: list[str]) -> list:
 
 class JobSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    model: str = Field(..., min_length=1, max_length=300, examples=["smollm2-135m", "meta-llama/Llama-3.1-8B"])
+    model: str = Field(..., min_length=1, max_length=300, examples=["smollm2-135m", "meta-llama/Llama-3.1-8B"],
+                       description="a Hub id (org/name[@revision]), a local folder or .gguf file, a demo name; with "
+                                   "`merge`: the merged model's name")
     revision: str | None = Field(None, max_length=256)
+    merge: dict | None = Field(None, description="a mergekit recipe (merge_method, models/slices, parameters, ...): "
+                               "its sources are merged and the merge is quantized; `model` then names the merged "
+                               "model", examples=[{"merge_method": "slerp", "base_model": "org/a", "models": [
+                                   {"model": "org/a"}, {"model": "org/b"}], "parameters": {"t": 0.5}}])
     algorithm: Literal[tuple(ALGORITHMS)] = Field("gptq", description="how weights are quantized")
     format: Literal[ALL_FORMATS] = Field("gptq", description="how they are stored")
     bits: Literal[2, 3, 4, 8] = 4
@@ -140,6 +154,11 @@ class JobSpec(BaseModel):
     def _targets(cls, v):
         return check_targets(v)
 
+    @field_validator("merge")
+    @classmethod
+    def _merge(cls, v):
+        return check_merge(v)
+
     @field_validator("group_size")
     @classmethod
     def _group(cls, v):
@@ -191,8 +210,9 @@ class JobSpec(BaseModel):
                                            self.gguf_type)
 
     def recipe(self, revision: str) -> dict:
-        """What determines the artifact: the spec less its evaluation, plus the pinned source."""
-        d = self.model_dump(exclude={"evaluation", "revision", "allow_pickle", "trust_remote_code", "priority",
+        """What determines the artifact: the spec less its evaluation, plus the pinned source (of a merge: the
+        hash of its recipe and its sources' revisions)."""
+        d = self.model_dump(exclude={"evaluation", "revision", "merge", "allow_pickle", "trust_remote_code", "priority",
                                      "publish", "min_recovery", "name",
                                      *(NOT_FOR_GGUF if self.format == "gguf" else GGUF_FIELDS)})
         if self.format == "gguf" and self.imatrix == "none":
