@@ -17,7 +17,7 @@ COPY quantizers quantizers
 COPY calibration calibration
 COPY evaluation evaluation
 # the CUDA build of torch (and Triton for the GPTQ kernel), then quantfarm itself
-RUN pip install "torch>=2.4" triton && pip install .
+RUN pip install "torch>=2.4" triton && pip install ".[ray,publish]"
 
 RUN useradd --create-home --uid 1000 quantfarm && mkdir -p /data && chown quantfarm /data
 USER quantfarm

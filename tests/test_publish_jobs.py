@@ -126,3 +126,39 @@ def test_farm_publishes_to_named_targets_only_and_retries_publishing(tiny_dir, t
         assert 'quantfarm_jobs{state="succeeded"} 3.0' in metrics
     finally:
         srv.close()
+
+
+def test_farm_storage_url_keeps_state_and_artifacts_in_s3(tiny_dir, tmp_path, s3):
+    """`serve --storage s3://...`: the worker computes in a scratch folder, mirrors each layer's state to the
+    bucket while it runs and the artifact when done, and keeps nothing of the job on its own disk; the API
+    lists and serves the artifact's files and its report from the bucket."""
+    from test_service import Server, auth
+    bucket = f"farm-{uuid.uuid4().hex[:8]}"
+    s3.mkdir(bucket)
+    home = tmp_path / "home"
+    srv = Server(home, f"sqlite:///{tmp_path}/store.db", workers=1,
+                 args=("--model-root", tiny_dir, "--storage", f"s3://{bucket}/farm"))
+    try:
+        job_id = srv.http.post("/v1/jobs", json={"model": tiny_dir, **SMALL}, headers=auth("alice")).json()["id"]
+        job = srv.wait(job_id, timeout=240)
+        assert job["state"] == "succeeded", job
+        assert job["result"]["artifact"] == f"s3://{bucket}/farm/artifacts/{job_id}"
+        log = srv.http.get(f"/v1/jobs/{job_id}/logs", headers=auth("reader")).text
+        assert "store artifact" in log
+        listing = srv.http.get(job["artifacts"][0]["files"], headers=auth("reader")).json()
+        names = {f["path"]: f for f in listing["files"]}
+        assert {"config.json", "model.safetensors", "report.json", "README.md"} <= set(names)
+        got = srv.http.get(names["model.safetensors"]["url"], headers=auth("reader"))
+        assert got.status_code == 200 and got.content == s3.cat(f"{bucket}/farm/artifacts/{job_id}/model.safetensors")
+        assert srv.http.get(names["config.json"]["url"].replace("config.json", "../x"),
+                            headers=auth("reader")).status_code == 404
+        assert srv.http.get(f"/v1/jobs/{job_id}/report", headers=auth("reader")).json()["spec"]["model"] == tiny_dir
+        assert not s3.exists(f"{bucket}/farm/state/{job_id}")                   # state goes once the job is done
+        assert not (home / "artifacts" / job_id).exists() and not any((home / "scratch").rglob("*.safetensors"))
+    finally:
+        srv.close()
+
+
+def test_unusable_storage_is_refused_at_start(tmp_path, capsys):
+    assert main(["serve", "--home", str(tmp_path), "--storage", "file:///proc/no-such-folder", "--port", "0"]) == 2
+    assert "storage file:///proc/no-such-folder is not usable" in capsys.readouterr().err

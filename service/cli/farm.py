@@ -33,6 +33,13 @@ def add_parsers(sub):
     p.add_argument("--workers", type=int, default=None,
                    help="worker processes (default: one per visible GPU, else --cpu-slots; 0: API only)")
     p.add_argument("--cpu-slots", type=int, default=1, help="CPU workers when no GPU is visible")
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local: worker processes on this machine; ray: each job a Ray task on a Ray cluster, "
+                        "placed by its GPU (or CPU) and memory needs (HOME must be the same path on every node)")
+    p.add_argument("--ray-address", default="auto",
+                   help="executor ray: the cluster (ray://HOST:10001 or HOST:6379); auto starts a Ray on this machine")
+    p.add_argument("--ray-cpus-per-job", type=float, default=1.0,
+                   help="executor ray on a cluster without GPUs: CPUs each job asks for")
     p.add_argument("--max-attempts", type=int, default=3, help="runs a job gets before a lost worker fails it")
     p.add_argument("--schedule", type=Path, metavar="BATCH.yaml", help="run this batch file on --cron (nightly "
                    "re-quantization); several serve processes on one store run each firing once")
@@ -57,8 +64,15 @@ def add_parsers(sub):
     p.set_defaults(func=cmd_worker)
 
 
+def check_storage(a) -> None:
+    if a.storage:
+        from service.job.blobstore import BlobStore
+        BlobStore(a.storage).check()
+
+
 def cmd_worker(a) -> int:
     from service.farm.worker import work
+    check_storage(a)
     from service.job.pipeline import pick_device
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     home = a.home or default_home()
@@ -83,16 +97,23 @@ def cmd_serve(a) -> int:
     home = a.home or default_home()
     db = a.db or default_db(home)
     migrate(Store(db).engine)
+    check_storage(a)
     tokens = a.tokens or ensure_tokens_file(home)
-    commands = worker_commands(a, home, db)
+    if a.executor == "ray":                 # Ray places the jobs; the store learns node budgets from their beats
+        from service.farm.ray_executor import RayExecutor
+        sup, budget = RayExecutor(db, home, a.lease, policy.from_args(a), a.ray_address, a.ray_cpus_per_job), None
+        where = f"Ray executor ({a.ray_address})"
+    else:
+        commands = worker_commands(a, home, db)
+        sup, budget = Supervisor(commands), largest_worker_gb(len(commands))
+        where = f"{len(commands)} worker(s)"
     app = create_app(FarmSettings(db, home, Auth.from_file(tokens), a.lease, a.max_attempts, policy.from_args(a),
-                                  largest_worker_gb(len(commands)), a.schedule, a.cron if a.schedule else None))
+                                  budget, a.schedule, a.cron if a.schedule else None))
     # uvicorn re-raises the signal that stopped it once it has shut down: with Python's default SIGTERM
     # action the process would die there and never reach `finally`; this makes it an exit that does
     signal.signal(signal.SIGTERM, _exit_on)
-    sup = Supervisor(commands)
     sup.start()
-    print(f"quantfarm: API on http://{a.host}:{a.port}/v1 (docs at /docs), {len(sup.commands)} worker(s), "
+    print(f"quantfarm: API on http://{a.host}:{a.port}/v1 (docs at /docs), {where}, "
           f"store {db.split('@')[-1]}, tokens in {tokens}", flush=True)
     try:
         uvicorn.run(app, host=a.host, port=a.port, log_level="warning")

@@ -27,7 +27,7 @@ from pydantic import BaseModel
 from sqlalchemy.exc import OperationalError
 from starlette.concurrency import run_in_threadpool
 
-from service.job import storage
+from service.job import blobstore, storage
 from evaluation import release_report
 from service.job.release import ReleaseSpec
 from service.job.spec import JobSpec
@@ -554,11 +554,10 @@ def create_app(settings: FarmSettings) -> FastAPI:
     def report(job_id: str, _=Depends(role("read"))):
         job = get_job(job_id)
         arts = store.artifacts_of(job["id"])
-        path = Path(arts[0]["path"]) / "report.json" if arts else None
-        try:
-            return JSONResponse(json.loads(path.read_text()))
-        except (AttributeError, OSError, ValueError):
-            raise NotFound(f"job {job['id']} has no report yet (state {job['state']})") from None
+        rep = blobstore.read_report(arts[0]["path"]) if arts else None
+        if rep is None:
+            raise NotFound(f"job {job['id']} has no report yet (state {job['state']})")
+        return JSONResponse(rep)
 
     # ---- releases
 
@@ -632,13 +631,23 @@ def create_app(settings: FarmSettings) -> FastAPI:
     def artifact_files(artifact_id: str, _=Depends(role("read"))):
         art = _artifact(store, artifact_id)
         aid = art["id"]
+        if blobstore.is_url(art["path"]):
+            bs, key = blobstore.at(art["path"])
+            files = bs.files(key)
+        else:
+            files = artifact_listing(Path(art["path"]))
         return {**art, "files": [{"path": f, "url": f"/v1/artifacts/{aid}/files/{f}", "size_bytes": size}
-                                 for f, size in artifact_listing(Path(art["path"]))]}
+                                 for f, size in files]}
 
     @app.get("/v1/artifacts/{artifact_id}/files/{path:path}", tags=["artifacts"], response_class=Download,
              responses=errors(404))
     def artifact_file(artifact_id: str, path: str, _=Depends(role("read"))):
         art = _artifact(store, artifact_id)
+        if blobstore.is_url(art["path"]):              # streamed from the storage, names checked against its listing
+            bs, key = blobstore.at(art["path"])
+            if path not in {f for f, _ in bs.files(key)}:
+                raise NotFound(f"artifact {art['id']} has no file {_shown(path)}")
+            return StreamingResponse(_chunks(bs.open(key, path)), media_type=Download.media_type)
         return Download(artifact_path(Path(art["path"]), path, art["id"]))
 
     return app
@@ -648,9 +657,15 @@ def _artifact(store: Store, artifact_id: str) -> dict:
     art = store.artifact(resolve_id(store, "artifact", artifact_id))
     if art is None:
         raise NotFound(f"no artifact {artifact_id}")
-    if not Path(art["path"]).is_dir():
+    if not blobstore.is_url(art["path"]) and not Path(art["path"]).is_dir():
         raise ArtifactError(f"artifact {art['id']}'s folder {art['path']} is gone from the artifact store")
     return art
+
+
+def _chunks(f, size: int = 1 << 20):
+    with f:
+        while chunk := f.read(size):
+            yield chunk
 
 
 def artifact_listing(root: Path) -> list[tuple[str, int]]:

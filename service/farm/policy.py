@@ -22,6 +22,7 @@ class Policy:
     model_roots: tuple[Path, ...] = ()
     data_roots: tuple[Path, ...] = ()
     publish_targets: tuple[tuple[str, str], ...] = ()     # (name, URL) the administrator set up
+    storage: str | None = None          # where state and artifacts live (fsspec URL); None: HOME's own folders
 
     def worker_args(self) -> list[str]:
         """The same policy as `quantfarm worker` arguments."""
@@ -32,7 +33,7 @@ class Policy:
             out += ["--data-root", str(r)]
         for name, url in self.publish_targets:
             out += ["--publish-target", f"{name}={url}"]
-        return out
+        return out + (["--storage", self.storage] if self.storage else [])
 
     def publish_target(self, entry: str, admin: bool = False):
         """The Target a job's publish entry names: local, hub (the server's account) or a name the
@@ -64,7 +65,8 @@ def from_args(a) -> Policy:
         targets.append((name, str(parse_target(url, allow_urls=True))))
     return Policy(bool(a.allow_remote_code), bool(a.allow_pickle),
                   tuple(Path(r).expanduser().resolve() for r in a.model_root or ()),
-                  tuple(Path(r).expanduser().resolve() for r in a.data_root or ()), tuple(targets))
+                  tuple(Path(r).expanduser().resolve() for r in a.data_root or ()), tuple(targets),
+                  a.storage.rstrip("/") if getattr(a, "storage", None) else None)
 
 
 def check_publish(spec, policy: Policy, admin: bool = False) -> list:
@@ -83,6 +85,10 @@ def add_arguments(p):
     p.add_argument("--data-root", action="append", metavar="DIR",
                    help="a folder whose .txt/.jsonl calibration and evaluation files and task data jobs may name; "
                         "repeatable (default: none, only the named sources and the shared data folder)")
+    p.add_argument("--storage", metavar="URL",
+                   help="where per-layer resume state and artifacts live when workers do not share HOME's disk: "
+                        "an fsspec URL (file:///shared/farm, s3://bucket/farm with s3fs and AWS_*); workers "
+                        "compute in a local scratch folder and mirror it there, the API serves artifacts from it")
     p.add_argument("--publish-target", action="append", metavar="NAME=URL",
                    help="a destination jobs may name in `publish` (file:///..., s3://bucket/prefix, gs://...; "
                         "credentials from the server's environment, e.g. AWS_*); repeatable. Jobs may always name "

@@ -3,12 +3,11 @@ becomes a job (or links the job that already has its recipe: built once, shared 
 asks for it), and the release's own state and summary are read from its jobs."""
 import time
 import uuid
-from pathlib import Path
 
 from sqlalchemy import func, insert, select
 
-from evaluation import release_report, report
-from service.job import release
+from evaluation import release_report
+from service.job import blobstore, release
 from service.job.release import ReleaseSpec
 
 from . import admission
@@ -52,7 +51,7 @@ def get(store: Store, release_id: str) -> dict | None:
     rows = []
     for link in sorted(links, key=lambda x: x.position):
         art = (link.result or {}).get("artifact")
-        rep = report.read(art) if art and Path(art).is_dir() else None
+        rep = blobstore.read_report(art)
         row = release_report.row(link.variant, link.state, rep, error=link.error, note=link.note, job_id=link.job_id)
         row["reused_job"] = link.reused
         rows.append(row)

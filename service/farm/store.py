@@ -301,22 +301,29 @@ class Store:
         """Running jobs whose lease ran out go back to the queue (or fail after max_attempts)."""
         now = time.time()
         with self.engine.connect() as c:
-            stale = [_row(r) for r in c.execute(select(jobs.c.id, jobs.c.worker, jobs.c.attempt, jobs.c.max_attempts)
+            stale = [_row(r) for r in c.execute(select(jobs.c.id, jobs.c.worker)
                                                 .where(jobs.c.state == "running", jobs.c.lease_expires < now))]
-        n = 0
-        for j in stale:
-            retry = j["attempt"] < j["max_attempts"]
-            values = dict(state="queued", worker=None, lease_expires=None, attempt=j["attempt"] + 1) if retry else dict(
-                state="failed", worker=None, finished_at=now,
-                error=f"the worker running this job stopped answering {j['attempt']} times (lease expired); "
-                      f"retry it with POST /v1/jobs/{j['id']}/retry once the workers are healthy")
-            with self.engine.begin() as c:
-                if c.execute(update(jobs).where(jobs.c.id == j["id"], jobs.c.state == "running",
-                                                jobs.c.worker == j["worker"]).values(**values)).rowcount:
-                    self._event(c, j["id"], "state", values["state"],
-                                {"reason": f"lease of {j['worker']} expired", "attempt": values.get("attempt")})
-                    n += 1
-        return n
+        return sum(self.lost(j["id"], j["worker"], f"lease of {j['worker']} expired",
+                             "stopped answering") for j in stale)
+
+    def lost(self, job_id: str, worker: str, reason: str, what: str = "was lost") -> bool:
+        """A running job whose worker is gone (lease expired, or its node died) goes back to the queue as its
+        next attempt, resuming from its per-layer state, or fails after max_attempts."""
+        with self.engine.connect() as c:
+            j = _row(c.execute(select(jobs.c.attempt, jobs.c.max_attempts).where(jobs.c.id == job_id)).first())
+        if j is None:
+            return False
+        retry, now = j["attempt"] < j["max_attempts"], time.time()
+        values = dict(state="queued", worker=None, lease_expires=None, attempt=j["attempt"] + 1) if retry else dict(
+            state="failed", worker=None, finished_at=now,
+            error=f"the worker running this job {what} {j['attempt']} times ({reason}); "
+                  f"retry it with POST /v1/jobs/{job_id}/retry once the workers are healthy")
+        with self.engine.begin() as c:
+            if c.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.state == "running",
+                                            jobs.c.worker == worker).values(**values)).rowcount:
+                self._event(c, job_id, "state", values["state"], {"reason": reason, "attempt": values.get("attempt")})
+                return True
+        return False
 
     def release(self, job_id: str, worker: str) -> bool:
         """A worker that is shutting down hands its running job back to the queue at once (same attempt;

@@ -14,6 +14,7 @@ at its next layer boundary and hand it back to the queue.
 import ctypes
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -27,6 +28,8 @@ import torch
 
 from quantizers.walk import Cancelled
 from service.job import pipeline, publish
+from service.job.blobstore import BlobStore, is_url
+from service.job.blobstore import at as blob_at
 from service.job.shared import Shared
 from service.job.spec import JobSpec
 
@@ -119,7 +122,17 @@ def run_job(store: Store, job: dict, worker: str, home: Path, device: str, polic
     beat.start()
     try:
         if pending:                                 # a retry after a failed publish: the artifact is made
-            state, error, summary = publish_to(store, job_id, spec, targets, job["result"])
+            result = dict(job["result"])
+            if is_url(result["artifact"]):          # in the storage: published from a local copy
+                folder = scratch(home, worker, job_id) / "artifact"
+                shutil.rmtree(folder, ignore_errors=True)
+                store_, key = blob_at(result["artifact"])
+                store_.get(key, folder)
+                state, error, summary = publish_to(store, job_id, spec, targets, {**result, "artifact": str(folder)})
+                summary["artifact"] = result["artifact"]
+                shutil.rmtree(folder.parent, ignore_errors=True)
+            else:
+                state, error, summary = publish_to(store, job_id, spec, targets, result)
             if beat.lost:
                 return "lost"
             if store.finish(job_id, worker, state, error=error, result=summary) and state == "succeeded":
@@ -130,15 +143,31 @@ def run_job(store: Store, job: dict, worker: str, home: Path, device: str, polic
         beat.stop()
 
 
+def scratch(home: Path, worker: str, job_id: str) -> Path:
+    """This worker's local folder for a job whose state and artifact live in a storage URL: another worker
+    resuming the job starts from an empty one and takes the state from the storage."""
+    return home / "scratch" / re.sub(r"[^A-Za-z0-9._-]", "_", worker) / job_id
+
+
 def _quantize(store, job, spec, targets, worker, home, device, policy, stopping, beat, shared) -> str:
     job_id = job["id"]
-    out, state_dir = home / "artifacts" / job_id, home / "state" / job_id
+    blobs = BlobStore(policy.storage) if policy.storage else None
+    local = scratch(home, worker, job_id) if blobs else home
+    out, state_dir = local / "artifacts" / job_id, local / "state" / job_id
+    if blobs is not None:
+        shutil.rmtree(local, ignore_errors=True)
+        pulled = blobs.get(f"state/{job_id}", state_dir)
+        if pulled:
+            store.add_event(job_id, "log", f"took {len(pulled)} state files from {blobs.where(f'state/{job_id}')}")
 
     def on_step(step):
         store.progress(job_id, worker, step=step)
         store.add_event(job_id, "step", step)
 
     def on_layer(rep, total):
+        if blobs is not None:                       # mirrored before the layer is reported done: manifest last
+            blobs.put(state_dir, f"state/{job_id}", [f"layer_{rep.index:05d}.safetensors", "inputs.safetensors",
+                                                     "manifest.json"])
         store.progress(job_id, worker, layers_done=rep.index + 1, layers_total=total)
         store.add_event(job_id, "layer", f"layer {rep.index + 1}/{total} in {rep.seconds:.1f} s",
                         {"done": rep.index + 1, "total": total, "seconds": round(rep.seconds, 3)})
@@ -181,8 +210,15 @@ def _quantize(store, job, spec, targets, worker, home, device, policy, stopping,
                "recovery_basis": result.evaluation.get("recovery_basis"), "warnings": result.warnings}
     if state == "succeeded":                        # the quality gate decides what is published
         state, error, summary = publish_to(store, job_id, spec, targets, summary)
+    path = result.artifact
+    if blobs is not None:                           # the artifact lives in the storage; the scratch goes
+        store.add_event(job_id, "step", "store artifact")
+        blobs.put(Path(result.artifact), f"artifacts/{job_id}")
+        path = summary["artifact"] = blobs.where(f"artifacts/{job_id}")
+        blobs.remove(f"state/{job_id}")
+        shutil.rmtree(local, ignore_errors=True)
     store.finish(job_id, worker, state, error=error, result=summary,
-                 artifact={"path": result.artifact, "format": spec.format, "size_bytes": result.size_after_bytes,
+                 artifact={"path": path, "format": spec.format, "size_bytes": result.size_after_bytes,
                            "published": state == "succeeded"})
     shutil.rmtree(state_dir, ignore_errors=True)
     return state

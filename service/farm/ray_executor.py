@@ -1,0 +1,135 @@
+"""`serve --executor ray`: jobs run as Ray tasks on a Ray cluster instead of local worker processes.
+
+The store stays the record of jobs, leases, events and artifacts; Ray places and runs. A dispatcher thread
+in `serve` claims the highest-priority queued job when the cluster has room for one more (the store's own
+claim order: priorities hold), and submits one task for it asking `num_gpus=1` (or `--ray-cpus-per-job`
+CPUs) and the job's memory estimate, so Ray puts it on a node with room. The task runs the same `run_job`
+as a local worker: its heartbeat renews the lease and reads the cancel flag, so cancel stops it at the next
+layer boundary. The dispatcher renews the lease too while Ray has the task (placed or still pending); when
+Ray reports the task failed (its node died, its worker process was killed) the job goes back to the queue
+as its next attempt and resumes on another node from its per-layer state. Ray retries nothing itself
+(`max_retries=0`): attempts are counted in one place, the store.
+
+Per-layer state and artifacts live in `--storage URL` (s3://, or file:// on a share every node mounts): a
+task computes in its node's scratch folder and mirrors there, so a job resumed on another node continues
+from its last finished layer. Without it they are under HOME, which every node must then see at one path.
+"""
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+from .policy import Policy
+from .store import Store
+
+log = logging.getLogger("quantfarm.ray")
+
+
+def run_claimed(db_url: str, lease: float, job_id: str, worker: str, home: str, device: str, policy: Policy) -> str:
+    """The Ray task: run the job the dispatcher claimed for `worker` (on whichever node Ray chose)."""
+    import ray
+
+    from .worker import run_job
+    store = Store(db_url, lease)
+    job = store.get(job_id)
+    if job is None or job["state"] != "running" or job["worker"] != worker:
+        return "lost"                                  # requeued or cancelled while Ray was placing the task
+    node = ray.get_runtime_context().get_node_id()
+    store.add_event(job_id, "log", f"ray: running on node {node}", {"node": node})
+    return run_job(store, job, worker, Path(home), device, policy)
+
+
+class RayExecutor(threading.Thread):
+    """Dispatches the store's queued jobs to Ray tasks; `start()`/`stop()` as the local Supervisor."""
+
+    def __init__(self, db_url: str, home: Path, lease: float, policy: Policy, address: str = "auto",
+                 cpus_per_job: float = 1.0, poll: float = 0.5):
+        super().__init__(daemon=True, name="ray-dispatcher")
+        self.db_url, self.home, self.lease, self.policy = db_url, home, lease, policy
+        self.address, self.cpus_per_job, self.poll = address, cpus_per_job, poll
+        self.stopping, self.ready = threading.Event(), threading.Event()
+        self.running: dict = {}                         # ObjectRef -> (job id, worker name)
+        self.commands = ()                              # no local worker processes
+        self.error: str | None = None
+
+    def connect(self):
+        import ray
+        if self.address == "auto":                     # a Ray of our own on this machine
+            ray.init(include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+        else:
+            ray.init(address=self.address, log_to_driver=False, ignore_reinit_error=True)
+
+    def kind(self) -> tuple[dict, str]:
+        """(resources one job asks for, the device its task uses): a GPU when the cluster has any."""
+        import ray
+        if ray.cluster_resources().get("GPU", 0) >= 1:
+            return {"num_gpus": 1, "num_cpus": 1}, "cuda"
+        return {"num_cpus": self.cpus_per_job}, "cpu"
+
+    def has_room(self, ask: dict) -> bool:
+        """Room for one more job now: Ray's free resources, and this dispatcher's own tasks fewer than the
+        cluster holds (free resources lag a task just submitted, and a job claimed but left pending in Ray
+        would hold its place in the queue against higher priorities arriving later)."""
+        import ray
+        kind, need = ("GPU", ask["num_gpus"]) if "num_gpus" in ask else ("CPU", ask["num_cpus"])
+        slots = int(ray.cluster_resources().get(kind, 0) // need)
+        return len(self.running) < slots and ray.available_resources().get(kind, 0) >= need - 1e-9
+
+    def run(self):
+        import ray
+        try:
+            self.connect()
+        except Exception as e:                          # serve keeps serving the API; /healthz says why
+            self.error = f"cannot connect to Ray at {self.address}: {e}"
+            log.error(self.error)
+            self.ready.set()
+            return
+        store = Store(self.db_url, self.lease)
+        task = ray.remote(max_retries=0)(run_claimed)
+        self.ready.set()
+        n, beat = 0, 0.0
+        while not self.stopping.is_set():
+            try:
+                self._collect(store)
+                if time.time() - beat > self.lease / 3:
+                    for job_id, worker in list(self.running.values()):
+                        store.heartbeat(job_id, worker)
+                    beat = time.time()
+                ask, device = self.kind()
+                if self.has_room(ask):
+                    worker = f"ray:{os.getpid()}-{n}:{device}"
+                    job = store.claim(worker)
+                    if job is not None:
+                        n += 1
+                        memory = int(job["memory_gb"] * 2 ** 30) if job.get("memory_gb") else None
+                        ref = task.options(**ask, **({"memory": memory} if memory else {})).remote(
+                            self.db_url, self.lease, job["id"], worker, str(self.home), device, self.policy)
+                        self.running[ref] = (job["id"], worker)
+                        store.add_event(job["id"], "log", f"ray: submitted as {worker} asking {ask}"
+                                        + (f" and {job['memory_gb']:.1f} GB" if memory else ""))
+                        continue                        # maybe room for another at once
+            except Exception as e:                      # a database or Ray hiccup: try again next poll
+                log.warning("ray dispatcher: %s", e)
+            self.stopping.wait(self.poll)
+
+    def _collect(self, store: Store):
+        """Finished tasks out of the table; a failed task's job back to the queue as its next attempt."""
+        import ray
+        if not self.running:
+            return
+        done, _ = ray.wait(list(self.running), num_returns=len(self.running), timeout=0)
+        for ref in done:
+            job_id, worker = self.running.pop(ref)
+            try:
+                log.info("job %s: %s", job_id, ray.get(ref))
+            except Exception as e:                      # node died, worker killed, out of memory
+                reason = f"ray task of {worker} failed: {type(e).__name__}"
+                log.warning("job %s: %s (%s)", job_id, reason, str(e).splitlines()[0] if str(e) else "")
+                store.lost(job_id, worker, reason)
+
+    def stop(self, grace: float = 20.0):
+        """Stop dispatching; jobs already on Ray hand themselves back when their lease runs out unless they
+        finish first (the cluster outlives this serve)."""
+        self.stopping.set()
+        self.join(timeout=grace)
