@@ -40,6 +40,21 @@ def tiny_spec(folder, seed: int, priority: int = 0) -> dict:
             "calibration": {"source": "model", "samples": 4, "seq_len": 32, "seed": seed}}
 
 
+def test_auto_starts_a_ray_of_its_own(tmp_path, monkeypatch):
+    """`--ray-address auto`: serve starts a Ray on this machine and runs the job there (before any test
+    cluster of this module exists); the Ray goes with serve."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    models = tmp_path / "models"
+    folder = str(save_tiny(models / "tiny", "llama", layers=2))
+    srv = Server(tmp_path / "home", f"sqlite:///{tmp_path}/store.db", workers=0,
+                 args=("--executor", "ray", "--ray-address", "auto", "--model-root", str(models)))
+    try:
+        job = srv.wait(srv.submit(tiny_spec(folder, seed=0)).json()["id"], timeout=240)
+        assert job["state"] == "succeeded" and len(node_of(srv, job["id"])) == 1, job
+    finally:
+        srv.close()
+
+
 def test_priorities_then_spread_over_nodes(tmp_path, cluster):
     """Jobs queued while the cluster has no room start in priority order once one node comes (one slot:
     one job at a time); with three nodes they run side by side on different nodes."""
