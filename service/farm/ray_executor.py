@@ -48,17 +48,23 @@ class RayExecutor(threading.Thread):
         super().__init__(daemon=True, name="ray-dispatcher")
         self.db_url, self.home, self.lease, self.policy = db_url, home, lease, policy
         self.address, self.cpus_per_job, self.poll = address, cpus_per_job, poll
-        self.stopping, self.ready = threading.Event(), threading.Event()
+        self.stopping = threading.Event()
         self.running: dict = {}                         # ObjectRef -> (job id, worker name)
-        self.commands = ()                              # no local worker processes
-        self.error: str | None = None
 
-    def connect(self):
+    def start(self):
+        """Connect first, in the caller's thread: a Ray that cannot be reached stops `serve` with the reason."""
         import ray
-        if self.address == "auto":                     # a Ray of our own on this machine
-            ray.init(include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
-        else:
-            ray.init(address=self.address, log_to_driver=False, ignore_reinit_error=True)
+
+        from core.errors import QuantfarmError
+        try:
+            if self.address == "auto":                 # a Ray of our own on this machine
+                ray.init(include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+            else:
+                ray.init(address=self.address, log_to_driver=False, ignore_reinit_error=True)
+        except Exception as e:
+            raise QuantfarmError(f"--executor ray: cannot connect to Ray at {self.address}: "
+                                 f"{type(e).__name__}: {e}") from None
+        super().start()
 
     def kind(self) -> tuple[dict, str]:
         """(resources one job asks for, the device its task uses): a GPU when the cluster has any."""
@@ -78,16 +84,8 @@ class RayExecutor(threading.Thread):
 
     def run(self):
         import ray
-        try:
-            self.connect()
-        except Exception as e:                          # serve keeps serving the API; /healthz says why
-            self.error = f"cannot connect to Ray at {self.address}: {e}"
-            log.error(self.error)
-            self.ready.set()
-            return
         store = Store(self.db_url, self.lease)
         task = ray.remote(max_retries=0)(run_claimed)
-        self.ready.set()
         n, beat = 0, 0.0
         while not self.stopping.is_set():
             try:

@@ -18,7 +18,7 @@ import threading
 import time
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
@@ -201,8 +201,7 @@ class Merge:
     recipe: dict
     config: object                                   # mergekit's MergeConfiguration
     sources: dict                                    # ResolvedModel by model path as written (org/name@rev, a folder)
-    local: dict[str, str] = field(repr=False)        # the same: the folder mergekit reads
-    key: str = ""
+    key: str                                         # the merged model's identity (its revision)
 
     @property
     def method(self) -> str:
@@ -222,12 +221,14 @@ class Merge:
         return self.sources[str(ref.model)]
 
     def local_recipe(self) -> dict:
-        """The recipe as mergekit runs it: every reference a local folder."""
+        """The recipe as mergekit runs it: every reference a local checkpoint folder (a GGUF source's fp16 copy)."""
         from mergekit.common import ModelReference
+
+        from .models import fp16_folder
 
         def local(v):
             r = ModelReference.model_validate(v)
-            return {"model": {"path": self.local[str(r.model)]},
+            return {"model": {"path": str(fp16_folder(self.sources[str(r.model)]))},
                     **({"override_architecture": r.override_architecture} if r.override_architecture else {})}
         return _map_refs(self.recipe, local)
 
@@ -256,26 +257,26 @@ def pin(recipe: dict, *, allow_pickle: bool = False, trust_remote_code: bool = F
     the result. Sources are resolved only after the recipe passed every check."""
     from mergekit.common import ModelReference
 
-    from .models import fp16_folder, resolve_model
+    from .models import resolve_model
     try:
         cfg = check(recipe)
     except ValueError as e:
         raise SpecError(str(e)) from None
     paths = {str(r.model) for r in _references(recipe).values()}
-    sources, local = {}, {}
+    sources = {}
     for p in sorted(paths):
         try:
             src = resolve_model(p, None, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
                                 local_roots=local_roots)
         except ModelSourceError as e:
             raise type(e)(f"merge source {p}: {e}") from None
-        sources[p], local[p] = src, str(fp16_folder(src))
+        sources[p] = src
 
     def ident(v):
         return identity(sources[str(ModelReference.model_validate(v).model)])
     canon = json.dumps({"recipe": _map_refs(recipe, ident), "seed": SEED, "mergekit": mergekit_version()},
                        sort_keys=True, separators=(",", ":"))
-    return Merge(recipe, cfg, sources, local, hashlib.sha256(canon.encode()).hexdigest())
+    return Merge(recipe, cfg, sources, hashlib.sha256(canon.encode()).hexdigest())
 
 
 # --------------------------------------------------------------------------------------------- merging
