@@ -17,6 +17,7 @@ from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
+from filelock import FileLock
 from torch import nn
 
 from core.errors import SpecError
@@ -146,12 +147,21 @@ def llama_eval(plan, f16: Path, quant: Path, tokenizer, t: llama_cpp.Tools, shar
     base_dir = cache_root() / "gguf-kld" / f"{f16.stem}-{plan.keys['text'][:16]}"
 
     def base():
+        """Made by one process at a time (a farm's workers share the cache): the logits under a temporary
+        name, renamed, then f16.json, whose presence says both are complete."""
         base_dir.mkdir(parents=True, exist_ok=True)
         meta = base_dir / "f16.json"
-        if not meta.is_file() or not (base_dir / "logits.bin").is_file():
-            text = eval_text_file(plan, tokenizer, base_dir, (chunks + 1) * ctx * 2)
-            res = llama_cpp.perplexity(t, f16, text, ctx, chunks, save_base=base_dir / "logits.bin")
-            meta.write_text(json.dumps(res))
+        with FileLock(str(base_dir / ".lock")):
+            if not meta.is_file() or not (base_dir / "logits.bin").is_file():
+                text = eval_text_file(plan, tokenizer, base_dir, (chunks + 1) * ctx * 2)
+                tmp = base_dir / f".logits.{os.getpid()}.tmp"
+                try:
+                    res = llama_cpp.perplexity(t, f16, text, ctx, chunks, save_base=tmp)
+                    os.replace(tmp, base_dir / "logits.bin")
+                finally:
+                    tmp.unlink(missing_ok=True)
+                meta.with_suffix(".tmp").write_text(json.dumps(res))
+                os.replace(meta.with_suffix(".tmp"), meta)
         return json.loads(meta.read_text())
 
     f16_res = shared.get("gguf_kld_base", str(base_dir), base)
