@@ -50,13 +50,22 @@ def tools() -> Tools:
     return t
 
 
-def _run(cmd: list[str], what: str, env: dict | None = None) -> str:
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    out = p.stdout + p.stderr
-    if p.returncode != 0:
-        tail = "\n".join(out.strip().splitlines()[-12:])
-        raise QuantizationError(f"{what} failed (exit {p.returncode}):\n{tail}")
-    return out
+def _run(cmd: list[str], what: str, env: dict | None = None, done: str | None = None,
+         timeout: float | None = None) -> subprocess.CompletedProcess:
+    """Run a tool; a non-zero exit raises with the output's tail. `done` is a pattern its last needed line
+    matches: llama.cpp's common log prints from a thread that nothing flushes at exit (common/log.cpp leaks it
+    on purpose), so a run that exits 0 can lose its last lines, most often on tiny models that finish within
+    milliseconds. Such a run is repeated (the tools are deterministic), up to four times in all."""
+    for _ in range(4):
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, stdin=subprocess.DEVNULL)
+        out = p.stdout + p.stderr
+        if p.returncode != 0:
+            tail = "\n".join(out.strip().splitlines()[-12:])
+            raise QuantizationError(f"{what} failed (exit {p.returncode}):\n{tail}")
+        if done is None or re.search(done, out):
+            return p
+    raise QuantizationError(f"{what} exited 0 four times without printing its result ({done!r}); its last "
+                            f"output:\n{out[-2000:]}")
 
 
 def threads() -> str:
@@ -87,7 +96,8 @@ def quantize(t: Tools, src, dst, type_name: str, imatrix=None) -> list[str]:
     the type's blocks do not divide), e.g. `attn_q: q4_K -> q5_0`."""
     cmd = [t.bin("llama-quantize")] + (["--imatrix", str(imatrix)] if imatrix else []) + \
           [str(src), str(dst), type_name.upper(), threads()]
-    out = _run(cmd, f"llama-quantize {type_name}")
+    p = _run(cmd, f"llama-quantize {type_name}")
+    out = p.stdout + p.stderr
     pat = re.compile(r"warning:\s*(?:blk\.\d+\.)?(\S+?)(?:\.weight)?\s+-.*type\s+(\S+)\).*falling back to\s+(\S+)")
     return [f"{m.group(1)}: {m.group(2)} -> {m.group(3)}" for m in map(pat.search, out.splitlines()) if m]
 
@@ -108,7 +118,8 @@ def perplexity(t: Tools, model, text_file, ctx: int, chunks: int, *, save_base=N
     if kld_base:
         cmd = [c for c in cmd if c not in ("-f", str(text_file))]      # the base file holds the tokens
         cmd += ["--kl-divergence-base", str(kld_base), "--kl-divergence"]
-    out = _run(cmd, "llama-perplexity")
+    p = _run(cmd, "llama-perplexity", done=r"Same top p:" if kld_base else r"Final estimate: PPL")
+    out = p.stdout + p.stderr
     res = {}
     if m := re.search(r"Final estimate: PPL = ([0-9.]+)", out):
         res["perplexity"] = float(m.group(1))
@@ -127,12 +138,9 @@ def perplexity(t: Tools, model, text_file, ctx: int, chunks: int, *, save_base=N
 
 def generate(t: Tools, model, prompt: str, n: int = 16) -> str:
     """Greedy continuation of `prompt` by llama.cpp (the text after the prompt)."""
-    out = subprocess.run([t.bin("llama-completion"), "-m", str(model), "-p", prompt, "-n", str(n), "--temp", "0",
-                          "-no-cnv", "--no-display-prompt", "-t", threads(), "--simple-io"],
-                         capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
-    if out.returncode != 0:
-        raise QuantizationError(f"llama-completion failed on {model}: {out.stderr[-1500:]}")
-    return out.stdout
+    return _run([t.bin("llama-completion"), "-m", str(model), "-p", prompt, "-n", str(n), "--temp", "0", "-no-cnv",
+                 "--no-display-prompt", "-t", threads(), "--simple-io"],
+                f"llama-completion on {model}", done=r"common_perf_print:\s+graphs reused", timeout=300).stdout
 
 
 def split(t: Tools, model, max_size: str) -> list[Path]:
