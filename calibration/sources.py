@@ -101,6 +101,11 @@ def _hf_documents(name: str, config: str | None, split: str, where: str) -> Iter
     except ImportError:
         raise CalibrationError(
             f"source hf:{name} needs the `datasets` package: pip install quantfarm[hub]") from None
+    unreachable = _hub_unreachable(name)
+    if unreachable:
+        raise CalibrationError(
+            f"cannot load Hugging Face dataset {where}: the Hub could not be reached ({unreachable}). It needs "
+            "network access; offline, use 'c4', 'wikitext2', a local .txt/.jsonl file or 'model'")
     try:
         ds = datasets.load_dataset(name, config, split=split, streaming=True)
         for row in ds:
@@ -115,6 +120,24 @@ def _hf_documents(name: str, config: str | None, split: str, where: str) -> Iter
             f"cannot load Hugging Face dataset {where}: the Hub could not be reached or the dataset is "
             f"unavailable ({type(e).__name__}: {e}). It needs network access; offline, use 'c4', "
             f"'wikitext2', a local .txt/.jsonl file or 'model'") from None
+
+
+def _hub_unreachable(name: str) -> str | None:
+    """Why the Hub cannot be reached, from one request without retries, or None. `datasets` retries a refused
+    connection five times with backoff (23 s); an HTTP answer of any status means the Hub is there, and
+    `datasets` then says what is wrong with the dataset itself."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+    if constants.HF_HUB_OFFLINE:
+        return None                          # datasets refuses at once, saying offline mode is on
+    endpoint = (os.environ.get("HF_ENDPOINT") or "").strip().rstrip("/") or constants.ENDPOINT
+    try:
+        HfApi(endpoint=endpoint).dataset_info(name, timeout=float(os.environ["HF_HUB_ETAG_TIMEOUT"]))
+    except (HfHubHTTPError, HFValidationError):
+        return None
+    except Exception as e:  # refused, DNS, timeout, TLS: whichever HTTP client this huggingface_hub uses
+        return f"{endpoint}: {type(e).__name__}: {e}"
+    return None
 
 
 def resolve_text_source(source: str) -> TextSource:

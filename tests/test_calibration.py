@@ -13,6 +13,7 @@ import torch
 from conftest import require_shared_data
 
 from calibration import CalibrationSet, build_calibration, content_hash, data_dir, eval_tokens, shared_file
+from calibration import sources
 from core.errors import CalibrationError
 
 C4 = "c4/c4_en_train_first1000.jsonl"
@@ -220,6 +221,8 @@ def test_hf_unreachable_fails_fast_with_clear_error():
         assert "pip install quantfarm[hub]" in res.stdout
     else:
         assert "could not be reached" in res.stdout and "hf:allenai/c4:en:train" in res.stdout
+        # from one probe of the endpoint, not from datasets' five retries with backoff (23 s)
+        assert f"http://127.0.0.1:{port}: " in res.stdout and "Retrying" not in res.stderr, res.stdout + res.stderr
 
 
 def test_hf_source_through_datasets(tok, monkeypatch):
@@ -233,6 +236,7 @@ def test_hf_source_through_datasets(tok, monkeypatch):
         return iter([{"text": f"Row {i} of a streamed dataset with enough words in it."} for i in range(40)])
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    monkeypatch.setattr(sources, "_hub_unreachable", lambda name: None)     # no Hub here: say it answered
     cal = build_calibration("hf:allenai/c4:en:validation", tok, n_samples=4, seq_len=16)
     assert cal.source == "hf:allenai/c4:en:validation" and cal.tokens.shape == (4, 16)
     assert build_calibration("hf:org/ds", tok, n_samples=1, seq_len=8).source == "hf:org/ds::train"

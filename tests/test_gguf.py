@@ -117,8 +117,28 @@ def smol_f16(tools, smol, tmp_path_factory):
     return SimpleNamespace(dir=d, f16=f16, imatrix=mat, text=text, base=base, kld_base=d / "base.bin")
 
 
+@pytest.fixture(scope="module")
+def with_our_matrix(tools, smol_f16):
+    """with_our_matrix(type) -> namespace(path, log, kld): SmolLM2 quantized by llama-quantize with quantfarm's
+    matrix, and llama-perplexity's KLD run against the F16 logits (its PPL(Q) is the perplexity of the same
+    16 x 512 tokens that a plain run on smol_f16.text computes), made once for the tests that share it."""
+    from types import SimpleNamespace
+    made = {}
+
+    def get(typ: str):
+        if typ not in made:
+            q = smol_f16.dir / f"{typ}.gguf"
+            out = subprocess.run([tools.bin("llama-quantize"), "--imatrix", str(smol_f16.imatrix),
+                                  str(smol_f16.f16), str(q), typ, "2"], capture_output=True, text=True)
+            assert out.returncode == 0, out.stderr[-2000:]
+            made[typ] = SimpleNamespace(path=q, log=out.stdout + out.stderr,
+                                        kld=llama_cpp.perplexity(tools, q, None, 512, 16, kld_base=smol_f16.kld_base))
+        return made[typ]
+    return get
+
+
 @pytest.mark.slow
-def test_preset_types_convert_quantize_and_run_in_llama_cpp(tools, smol, smol_f16):
+def test_preset_types_convert_quantize_and_run_in_llama_cpp(tools, smol, smol_f16, with_our_matrix):
     """Each type of the `gguf` preset: llama-quantize takes our matrix (all its entries), the tensors get the
     type or the fallback preflight predicted, and llama.cpp generates and evaluates the file."""
     from service.job.gguf_job import input_widths
@@ -127,12 +147,10 @@ def test_preset_types_convert_quantize_and_run_in_llama_cpp(tools, smol, smol_f1
     f16_text = llama_cpp.generate(tools, smol_f16.f16, PROMPT, 8)
     ppl = {}
     for typ in fmt.PRESET:
-        q = smol_f16.dir / f"{typ}.gguf"
-        out = subprocess.run([tools.bin("llama-quantize"), "--imatrix", str(smol_f16.imatrix), str(smol_f16.f16),
-                              str(q), typ, "2"], capture_output=True, text=True)
-        assert out.returncode == 0, out.stderr[-2000:]
+        made = with_our_matrix(typ)
+        q = made.path
         # 30 layers x 7 Linears; the tied head is token_embd, which the file does not multiply as a weight
-        assert "loaded 210 importance matrix entries" in out.stdout + out.stderr
+        assert "loaded 210 importance matrix entries" in made.log
         types, predicted = gguf_types(q), fmt.fallbacks(typ, widths)
         main = {"Q2_K": "Q2_K", "Q3_K_M": "Q3_K", "Q4_K_M": "Q4_K", "Q5_K_M": "Q5_K", "Q6_K": "Q6_K",
                 "Q8_0": "Q8_0"}[typ]
@@ -145,7 +163,7 @@ def test_preset_types_convert_quantize_and_run_in_llama_cpp(tools, smol, smol_f1
                 assert got not in ("F16", "F32", "BF16"), (typ, kind, got)
         text = llama_cpp.generate(tools, q, PROMPT, 8)
         assert len(text.strip()) > 0
-        r = llama_cpp.perplexity(tools, q, None, 512, 16, kld_base=smol_f16.kld_base)
+        r = made.kld
         ppl[typ] = r["perplexity"]
         assert 0 <= r["kld"] < 1.0
         if typ == "Q8_0":
@@ -156,7 +174,7 @@ def test_preset_types_convert_quantize_and_run_in_llama_cpp(tools, smol, smol_f1
 
 
 @pytest.mark.slow
-def test_quantfarm_imatrix_beats_none_and_matches_llama_imatrix(tools, smol, smol_f16):
+def test_quantfarm_imatrix_beats_none_and_matches_llama_imatrix(tools, smol, smol_f16, with_our_matrix):
     """Held-out perplexity (llama-perplexity, 16 x 512 WikiText-2 tokens) at Q2_K, Q3_K_M and Q4_K_M: with
     quantfarm's matrix no worse than with llama-imatrix's on the same calibration text, and clearly better
     than none. Both matrices are the same statistic of the same tokens, so they differ in rounding only, and
@@ -168,8 +186,8 @@ def test_quantfarm_imatrix_beats_none_and_matches_llama_imatrix(tools, smol, smo
                           smol_f16.dir / "imatrix-llama.gguf")
     assert set(imx.read(theirs)) >= set(imx.read(smol_f16.imatrix)) - {"output.weight"}
     for typ in ("Q2_K", "Q3_K_M", "Q4_K_M"):
-        ppl = {}
-        for kind, mat in (("none", None), ("quantfarm", smol_f16.imatrix), ("llama", theirs)):
+        ppl = {"quantfarm": with_our_matrix(typ).kld["perplexity"]}       # shared with the preset types
+        for kind, mat in (("none", None), ("llama", theirs)):
             q = smol_f16.dir / f"{typ}-{kind}.gguf"
             llama_cpp.quantize(tools, smol_f16.f16, q, typ, mat)
             ppl[kind] = llama_cpp.perplexity(tools, q, smol_f16.text, 512, 16)["perplexity"]
