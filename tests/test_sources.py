@@ -174,6 +174,18 @@ def test_demo_resolves_with_stable_hash():
     assert a == b
 
 
+def test_gguf_source_card_is_read_once_per_file(monkeypatch, tmp_path):
+    """The license and languages of a GGUF source come from its fields the first time, from the cache after."""
+    from service.job.models import source_card
+    monkeypatch.setenv("QUANTFARM_CACHE", str(tmp_path / "cache"))
+    resolved = resolve_model("smollm2-135m")
+    first = source_card(resolved)
+    assert first == {"license": "apache-2.0", "language": ["en"]}
+    (cached,) = (tmp_path / "cache" / "gguf").glob("*-card.json")
+    cached.write_text(json.dumps({"license": "from-the-cache"}))      # a second call reads only the cache
+    assert source_card(resolved) == {"license": "from-the-cache"}
+
+
 def test_demo_loads_dequantized_llama(demo_loaded):
     _, model, tokenizer = demo_loaded
     assert type(model).__name__ == "LlamaForCausalLM" and not model.training

@@ -414,17 +414,30 @@ def source_card(resolved: ResolvedModel) -> dict:
     out = {}
     try:
         if resolved.gguf_file:
-            import gguf
-            fields = gguf.GGUFReader(str(Path(resolved.path) / resolved.gguf_file)).fields
-            for key, name in (("general.license", "license"), ("general.languages", "language")):
-                if key in fields:
-                    out[name] = fields[key].contents()
+            out = _gguf_card(resolved)
         elif (Path(resolved.path) / "README.md").is_file():
             from huggingface_hub import ModelCard
             data = ModelCard.load(Path(resolved.path) / "README.md").data
             out = {k: getattr(data, k) for k in ("license", "language") if getattr(data, k, None)}
     except Exception as e:            # a card that cannot be read is no reason to fail a job
         log.warning("could not read the source card of %s: %s", resolved.ref, e)
+    return out
+
+
+def _gguf_card(resolved: ResolvedModel) -> dict:
+    """A GGUF file's general.license and general.languages, kept per file content in the cache: gguf's reader
+    parses every field to give two short strings, the vocabulary's too (4 s for SmolLM2's 49,152 tokens)."""
+    path = cache_root() / "gguf" / f"{resolved.content_hash[:32]}-card.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    import gguf
+    fields = gguf.GGUFReader(str(Path(resolved.path) / resolved.gguf_file)).fields
+    out = {name: fields[key].contents() for key, name in (("general.license", "license"),
+                                                          ("general.languages", "language")) if key in fields}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    tmp.write_text(json.dumps(out))
+    os.replace(tmp, path)
     return out
 
 
