@@ -178,16 +178,17 @@ def _gptqmodel_experts(folder) -> dict[str, torch.Tensor]:
     """The expert weights as gptqmodel's own loader dequantizes them, read in a child process: a failed
     gptqmodel load leaves transformers' state changed for the process (after its Mixtral failure a fresh
     Mixtral saves both fused and per-expert names), which later tests must not inherit. A loading error
-    is raised here as the ValueError it was."""
+    that ended the child on a ValueError is raised here as one (the strict xfail below expects exactly that)."""
     import subprocess
     import sys
     from safetensors.torch import load_file
     pytest.importorskip("gptqmodel", reason="gptqmodel is in the compat extra (pip install .[compat])")
     out = folder.parent / "gptqmodel-experts.safetensors"
     r = subprocess.run([sys.executable, "-c", _GPTQMODEL_EXPERTS, str(folder), str(out)], capture_output=True,
-                       text=True, timeout=600, env={**os.environ, "GPTQMODEL_CPU_WORKERS": "2"})
+                       text=True, timeout=600, env={"GPTQMODEL_CPU_WORKERS": "2", **os.environ})
     if r.returncode:
-        raise (ValueError if "ValueError" in r.stderr else RuntimeError)(r.stderr[-3000:])
+        last = (r.stderr.strip().splitlines() or [""])[-1]
+        raise (ValueError if last.startswith("ValueError") else RuntimeError)(r.stderr[-3000:])
     return load_file(out)
 
 
