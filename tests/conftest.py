@@ -87,8 +87,8 @@ def _private_home(tmp_path_factory):
 # The real SmolLM2-135M, loaded once per session, and each of its artifacts quantized once per session:
 # the quality, reader, report and runtime tests share them instead of quantizing again.
 
-SMOL_SAMPLES, SMOL_SEQ = 16, 512     # C4 calibration of every SmolLM2 test (peer ceilings measured at it)
-SMOL_WINDOWS = 16                    # WikiText-2 validation windows of 512 tokens for perplexity
+SMOL_SAMPLES, SMOL_SEQ = 8, 512      # C4 calibration of every SmolLM2 test (peer ceilings measured at it)
+SMOL_WINDOWS = 8                     # WikiText-2 validation windows of 512 tokens for perplexity
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,24 @@ def tokens(n=200, seed=0):
     return torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(seed))
 
 
+def test_a_model_whose_logits_are_not_its_head_on_the_hidden_state_is_refused():
+    """Perplexity and KLD apply the output head to stored hidden states: a model that changes its logits after
+    the head (here a logit scale, as some architectures have) would be scored wrongly, so the pass refuses it.
+    The check compares the first positions of the first window only."""
+    m = tiny_model("llama")
+    forward = m.forward
+
+    def scaled(*a, **kw):
+        out = forward(*a, **kw)
+        out.logits = out.logits * 1.5
+        return out
+    m.forward = scaled
+    with pytest.raises(EvaluationError, match="not its output head applied"):
+        text_metrics.text_pass(m, tokens(4 * 64), 64)
+    m.forward = forward
+    assert text_metrics.text_pass(m, tokens(4 * 64), 64).count == 4 * 63
+
+
 def test_perplexity_kld_and_top1_match_direct_computation():
     a, b = pair()
     x = tokens(4 * 32)

@@ -137,6 +137,8 @@ def test_artifact_names_experts_as_the_family_does_and_reads_back(tmp_path, arch
     # experts come out wrong (left random, no error); where it says loads, the logits are ours
     from transformers import AutoModelForCausalLM
     verdict = {v["runtime"]: v for v in inspection.describe(out)["compatibility"]}["transformers"]
+    if not verdict["ok"]:          # the note names what gptqmodel does read, and Mixtral's layout as not (xfail below)
+        assert "Mixtral's block_sparse_moe.experts.E.w1" in verdict["notes"][0], verdict
     with torch.no_grad():
         theirs = AutoModelForCausalLM.from_pretrained(out, device_map="cpu", dtype=torch.float16)
         a, b = loaded(HELD_OUT).logits, theirs(HELD_OUT).logits.float()

@@ -5,7 +5,7 @@ WikiText-2 validation perplexity. The model and each artifact are built once per
 The quality bar is relative: a 135M model whose weights already went through 4-bit GGUF loses a
 lot at 4 bits, so GPTQ and AWQ are held against round-to-nearest on the same grid and against the
 perplexity llm-compressor reached on the same model, tokens, windows and settings (BENCHMARKS.md,
-"SmolLM2 test ceilings": 16 x 512 calibration tokens, 16 x 512 evaluation tokens).
+"SmolLM2 test ceilings": 8 x 512 calibration tokens, 8 x 512 evaluation tokens).
 """
 import json
 import os
@@ -19,16 +19,16 @@ from conftest import SMOL_SAMPLES, SMOL_SEQ, SMOL_WINDOWS
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
-# llm-compressor 0.14.0.1 on the same 16 x 512 C4 blocks (quantfarm's calibration, seed 0), perplexity on
-# the first 16 x 512 WikiText-2 validation windows: GPTQ w4 g64 sym (its default static act-order), and
+# llm-compressor 0.14.0.1 on the same 8 x 512 C4 blocks (quantfarm's calibration, seed 0), perplexity on
+# the first 8 x 512 WikiText-2 validation windows: GPTQ w4 g64 sym (its default static act-order), and
 # AWQ w4 g64 asym (its defaults: duo scaling, 20-point grid, no clipping search). BENCHMARKS.md.
-PEER_G64_PPL = 26.188
-PEER_AWQ_G64_PPL = 23.160
+PEER_G64_PPL = 27.883
+PEER_AWQ_G64_PPL = 23.335
 
 
 def test_settings_match_the_peer_measurement():
     """The ceilings below were measured at exactly these settings; change them together."""
-    assert (SMOL_SAMPLES, SMOL_SEQ, SMOL_WINDOWS) == (16, 512, 16)
+    assert (SMOL_SAMPLES, SMOL_SEQ, SMOL_WINDOWS) == (8, 512, 8)
 
 
 def test_gptq_g64_beats_rtn_and_matches_peer(smol, smol_quantized):

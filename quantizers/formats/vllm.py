@@ -115,5 +115,8 @@ def transformers_moe_refusal(fmt: str) -> Verdict:
     return Verdict("transformers", False, "none",
                    [f"transformers (from_pretrained) refuses: it does not fill its fused experts from per-expert "
                     f"{fmt.upper()} tensors (they stay randomly initialized, with no error); gptqmodel's "
-                    "GPTQModel.load reads them, and --format compressed-tensors loads through from_pretrained"],
+                    "GPTQModel.load reads them where the family's checkpoints keep transformers' module names "
+                    "(Qwen2-MoE, Qwen3-MoE, OLMoE), not Mixtral's block_sparse_moe.experts.E.w1 layout, which vLLM "
+                    "reads and gptqmodel 7.6 reports as missing weights; --format compressed-tensors loads through "
+                    "from_pretrained"],
                    reason="experts not loaded")
