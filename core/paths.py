@@ -1,9 +1,19 @@
 """Where quantfarm keeps derived data any process may rebuild: QUANTFARM_CACHE, default ~/.cache/quantfarm
 (the fp16 copies of GGUF sources, llama.cpp's tools, GGUF conversions and importance matrices)."""
 import os
+import threading
 from pathlib import Path
 
 
 def cache_root() -> Path:
     base = os.environ.get("QUANTFARM_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "quantfarm"
     return Path(base).expanduser()
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write a small file under a temporary name unique to this process and thread, then rename it into place:
+    readers see the old file or the whole new one, and concurrent writers of the same file do not collide."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    tmp.write_bytes(data if isinstance(data, bytes) else data.encode())
+    os.replace(tmp, path)

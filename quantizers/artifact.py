@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from core.errors import ArtifactError
+from core.paths import write_atomic
 
 from . import formats, moe
 from .config import QuantConfig
@@ -165,10 +166,7 @@ def save(out_dir, model, tokenizer, quantized, cfg: QuantConfig, fmt: str, meta:
 
 def add_file(artifact_dir, name: str, content: str | bytes):
     """Add or replace one file inside a finished artifact (write to a temp name, then rename)."""
-    p = Path(artifact_dir) / name
-    tmp = p.with_name(f".{name}.tmp")
-    tmp.write_bytes(content if isinstance(content, bytes) else content.encode())
-    os.replace(tmp, p)
+    write_atomic(Path(artifact_dir) / name, content)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from core.paths import write_atomic
+
 from .grid import QuantizedWeight
 
 FIELDS = ("codes", "scales", "zeros", "g_idx")
@@ -68,6 +70,4 @@ class LayerState:
         os.replace(tmp, self.folder / name)
 
     def _write(self, name, data: bytes):
-        tmp = self.folder / f".{name}.tmp"
-        tmp.write_bytes(data)
-        os.replace(tmp, self.folder / name)
+        write_atomic(self.folder / name, data)

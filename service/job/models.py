@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from core.paths import cache_root  # noqa: F401  (models.cache_root: the name callers use)
+from core.paths import cache_root, write_atomic  # noqa: F401  (models.cache_root: the name callers use)
 from core.errors import ModelSourceError, UnsafeModelError
 
 log = logging.getLogger(__name__)
@@ -336,9 +336,7 @@ def _remember_ref(snapshot: Path, revision: str, sha: str) -> None:
     try:
         if not ref.is_file() or ref.read_text() != sha:
             ref.parent.mkdir(parents=True, exist_ok=True)
-            tmp = ref.with_name(f".{ref.name}.{os.getpid()}.tmp")
-            tmp.write_text(sha)
-            os.replace(tmp, ref)
+            write_atomic(ref, sha)
     except OSError as e:
         log.warning("could not record %s -> %s in the Hub cache: %s", revision, sha, e)
 
@@ -435,9 +433,7 @@ def _gguf_card(resolved: ResolvedModel) -> dict:
     out = {name: fields[key].contents() for key, name in (("general.license", "license"),
                                                           ("general.languages", "language")) if key in fields}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    tmp.write_text(json.dumps(out))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(out))
     return out
 
 
