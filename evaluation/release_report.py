@@ -5,6 +5,8 @@ import html
 import json
 from pathlib import Path
 
+from core.paths import write_atomic
+
 from . import report
 
 
@@ -140,6 +142,4 @@ def write(folder, s: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for name, text in (("release.json", json.dumps(s, indent=2) + "\n"), ("README.md", readme(s)),
                        ("index.html", html_page(s))):
-        tmp = folder / f".{name}.tmp"
-        tmp.write_text(text)
-        tmp.replace(folder / name)
+        write_atomic(folder / name, text)

@@ -21,7 +21,7 @@ from filelock import FileLock
 from torch import nn
 
 from core.errors import SpecError
-from core.paths import cache_root
+from core.paths import cache_root, write_atomic
 from core.version import quantfarm_version
 from evaluation import report, suite
 from quantizers import imatrix as imx
@@ -160,8 +160,7 @@ def llama_eval(plan, f16: Path, quant: Path, tokenizer, t: llama_cpp.Tools, shar
                     os.replace(tmp, base_dir / "logits.bin")
                 finally:
                     tmp.unlink(missing_ok=True)
-                meta.with_suffix(".tmp").write_text(json.dumps(res))
-                os.replace(meta.with_suffix(".tmp"), meta)
+                write_atomic(meta, json.dumps(res))
         return json.loads(meta.read_text())
 
     f16_res = shared.get("gguf_kld_base", str(base_dir), base)
