@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -18,6 +19,13 @@ WIKITEXT2_RELPATH = "wikitext2/wiki.valid.tokens"
 SAMPLE_BATCH = 16  # sequences sampled at once from the model: keeps the KV cache small
 SOURCE_FORMS = ("auto", "c4", "wikitext2", "model", "a .txt or .jsonl path (or file:PATH)",
                 "hf:NAME[:CONFIG[:SPLIT]]")
+NAMED_SOURCES = ("auto", "c4", "wikitext2", "model")
+# A Hub dataset id as the Hub spells one (huggingface_hub's validate_repo_id): `name` or `org/name`, each part
+# letters, digits, - _ . inside, a letter or digit at both ends; no path, no `..`, no `--`. Config and split
+# names: the same characters.
+_HUB_PART = r"[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9])?"
+HUB_DATASET_ID = re.compile(rf"(?:{_HUB_PART}/)?{_HUB_PART}")
+HUB_NAME = re.compile(_HUB_PART)
 
 
 def data_dir() -> pathlib.Path | None:
@@ -63,19 +71,24 @@ def _require_shared(relpath: str, name: str) -> pathlib.Path:
 
 def read_jsonl(path: pathlib.Path) -> list[str]:
     """All "text" fields of a JSONL file. Parsed eagerly (cheap) so a bad line is reported whatever
-    the sample size; blank lines are skipped."""
-    texts = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CalibrationError(f"{path}: line {lineno} is not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise CalibrationError(f'{path}: line {lineno} has no string field "text"')
-            texts.append(obj["text"])
+    the sample size; blank lines are skipped. Errors say what is wrong with a line, never what it holds:
+    a farm's job error is read by whoever submitted the job."""
+    texts, lineno = [], 0
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise CalibrationError(f"{path}: line {lineno} is not valid JSON ({e.msg} at column "
+                                           f"{e.colno})") from None
+                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                    raise CalibrationError(f'{path}: line {lineno} has no string field "text"')
+                texts.append(obj["text"])
+    except UnicodeDecodeError:
+        raise CalibrationError(f"{path}: line {lineno + 1} is not UTF-8 text") from None
     return texts
 
 
@@ -86,8 +99,45 @@ def _file_source(path: pathlib.Path, describe: str, whole_text: bool = False) ->
     if path.suffix.lower() == ".jsonl" and not whole_text:
         return TextSource(describe, lambda: iter(read_jsonl(path)))
     if path.suffix.lower() == ".txt" or whole_text:
-        return TextSource(describe, lambda: iter([path.read_text(encoding="utf-8")]))
+        return TextSource(describe, lambda: iter([_read_text(path)]))
     raise CalibrationError(f'calibration file {path} must be .txt (whole text) or .jsonl (field "text")')
+
+
+def _read_text(path: pathlib.Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise CalibrationError(f"{path} is not UTF-8 text (byte {e.start}); give a UTF-8 .txt file") from None
+
+
+def hub_dataset(source: str) -> tuple[str, str | None, str]:
+    """(dataset id, config, split) of an `hf:NAME[:CONFIG[:SPLIT]]` source. Only a Hub id passes: `datasets`
+    reads a local folder or file named by a path, so a path, `..` or an absolute path never reaches it."""
+    parts = source[3:].split(":")
+    if not parts[0] or len(parts) > 3 or any(not p for p in parts):
+        raise CalibrationError(f"bad Hugging Face source {source!r}; expected hf:NAME[:CONFIG[:SPLIT]]")
+    name, config, split = parts[0], (parts[1] if len(parts) > 1 else None), (parts[2] if len(parts) > 2 else "train")
+    if not HUB_DATASET_ID.fullmatch(name) or ".." in name or "--" in name or name.endswith(".git"):
+        raise CalibrationError(f"hf:{name[:200]!r} is not a Hub dataset id: give org/name or name (letters, digits "
+                               "and - _ . only, no path); a local file is named as a .txt/.jsonl path instead")
+    for what, value in (("config", config), ("split", split)):
+        if value is not None and not HUB_NAME.fullmatch(value):
+            raise CalibrationError(f"hf:{name}: the {what} {value[:100]!r} is not a name (letters, digits and - _ .)")
+    return name, config, split
+
+
+def classify(source: str) -> tuple[str, object]:
+    """What a source string names, looking at nothing on disk: ("named", name), ("hub", (id, config, split))
+    or ("file", the path as written); CalibrationError for anything else. resolve_text_source and the farm's
+    path policy both read sources through this, so what a server checks is what a job opens."""
+    if source in NAMED_SOURCES:
+        return "named", source
+    if source.startswith("hf:"):
+        return "hub", hub_dataset(source)
+    raw = source[5:] if source.startswith("file:") else source
+    if source.startswith("file:") or pathlib.Path(raw).suffix.lower() in (".txt", ".jsonl") or os.sep in raw:
+        return "file", raw
+    raise CalibrationError(f"unknown calibration source {source[:200]!r}; use one of: {', '.join(SOURCE_FORMS)}")
 
 
 def _hf_documents(name: str, config: str | None, split: str, where: str) -> Iterator[str]:
@@ -106,20 +156,35 @@ def _hf_documents(name: str, config: str | None, split: str, where: str) -> Iter
         raise CalibrationError(
             f"cannot load Hugging Face dataset {where}: the Hub could not be reached ({unreachable}). It needs "
             "network access; offline, use 'c4', 'wikitext2', a local .txt/.jsonl file or 'model'")
+    packaged = getattr(getattr(datasets, "packaged_modules", None), "_PACKAGED_DATASETS_MODULES", ())
+    if name in packaged:
+        raise CalibrationError(f"hf:{name} names one of `datasets`' file readers, not a Hub dataset; give the "
+                               "Hub dataset's id (org/name)")
     try:
-        ds = datasets.load_dataset(name, config, split=split, streaming=True)
+        # hf://datasets/: `datasets` then looks on the Hub only, never for a local folder of that name
+        ds = datasets.load_dataset(f"hf://datasets/{name}", config, split=split, streaming=True)
         for row in ds:
             text = row.get("text") if isinstance(row, dict) else None
             if not isinstance(text, str):
-                raise CalibrationError(f'{where}: rows have no string field "text" (fields: {sorted(row)})')
+                raise CalibrationError(f'{where}: its rows have no string column "text"; choose a config or '
+                                       "dataset whose text is in a `text` column")
             yield text
     except CalibrationError:
         raise
     except Exception as e:  # network, auth, not found, offline mode: all say the same thing to the user
         raise CalibrationError(
             f"cannot load Hugging Face dataset {where}: the Hub could not be reached or the dataset is "
-            f"unavailable ({type(e).__name__}: {e}). It needs network access; offline, use 'c4', "
+            f"unavailable ({_hub_failure(e)}). It needs network access; offline, use 'c4', "
             f"'wikitext2', a local .txt/.jsonl file or 'model'") from None
+
+
+def _hub_failure(e: Exception) -> str:
+    """An exception of `datasets` as one line: its type, and its first line unless it comes from this machine's
+    files (OSError, RuntimeError), whose text could name or quote them."""
+    if isinstance(e, (OSError, RuntimeError)) and not isinstance(e, ConnectionError):
+        return type(e).__name__
+    first = (str(e).splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first[:200]}"
 
 
 def _hub_unreachable(name: str) -> str | None:
@@ -147,17 +212,13 @@ def resolve_text_source(source: str) -> TextSource:
     if source == "wikitext2":
         return _file_source(_require_shared(WIKITEXT2_RELPATH, "wikitext2"), f"wikitext2:{WIKITEXT2_RELPATH}",
                             whole_text=True)
-    if source.startswith("hf:"):
-        parts = source[3:].split(":")
-        if not parts[0] or len(parts) > 3 or any(not p for p in parts):
-            raise CalibrationError(f"bad Hugging Face source {source!r}; expected hf:NAME[:CONFIG[:SPLIT]]")
-        name, config, split = parts[0], (parts[1] if len(parts) > 1 else None), (parts[2] if len(parts) > 2 else "train")
+    kind, value = classify(source)
+    if kind == "hub":
+        name, config, split = value
         describe = f"hf:{name}:{config}:{split}" if config else f"hf:{name}::{split}"
         return TextSource(describe, lambda: _hf_documents(name, config, split, describe))
-    raw = source[5:] if source.startswith("file:") else source
-    path = pathlib.Path(raw).expanduser()
-    if source.startswith("file:") or path.suffix.lower() in (".txt", ".jsonl") or os.sep in raw:
-        path = path.resolve()
+    if kind == "file":
+        path = pathlib.Path(value).expanduser().resolve()
         return _file_source(path, f"file:{path}")
     raise CalibrationError(f"unknown calibration source {source!r}; use one of: {', '.join(SOURCE_FORMS)}")
 

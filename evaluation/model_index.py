@@ -38,7 +38,8 @@ def eval_results(report: dict) -> list[EvalResult]:
 
 
 def front_matter(report: dict, name: str) -> str:
-    """The YAML block (between --- lines) of the model card."""
+    """The YAML block (between --- lines) of the model card; `name`: model-index's name for this model
+    (report.card_name: the model's name and the variant, not a folder or job id)."""
     s, src = report["spec"], report.get("source_card") or {}
     hub = "/" in s["model"] and not s["model"].startswith(("/", ".", "~")) and not s["model"].endswith(".gguf")
     tags = list(dict.fromkeys(["quantized", s["format"], s["algorithm"], f"{s['bits']}-bit", "quantfarm"]

@@ -8,6 +8,7 @@ from pathlib import Path
 from core.paths import write_atomic
 
 from . import report
+from .escape import md, md_code, no_html
 
 
 def row(name: str, state: str, rep: dict | None, *, error: str | None = None, note: str | None = None,
@@ -79,19 +80,29 @@ def notes(s: dict) -> list[str]:
     return out
 
 
+def source_name(s: dict) -> str:
+    """What the release calls its source: a Hub id, demo or merge name as given; a server folder or file by its
+    last path component, never the server's path to it."""
+    model = str(s["model"])
+    if s.get("hub_model") or not model.startswith(("/", "./", "../", "~")):
+        return model
+    return Path(model.rstrip("/")).name or model
+
+
 def readme(s: dict) -> str:
-    rev = s.get("revision")
+    rev, name = s.get("revision"), source_name(s)
     front = ["---", *([f"base_model: {s['model']}"] if s.get("hub_model") else []), "base_model_relation: quantized",
              "tags:", "- quantized", "- quantfarm", *(f"- {f}" for f in sorted({r['format'] for r in s['variants']
                                                                               if r.get('format')})), "---"]
-    lines = [*front, "", f"# {s['model']}: quantized release", "",
-             f"Source `{s['model']}` at revision `{rev}`; release state **{s['state']}**"
-             + (f" (preset `{s['preset']}`)" if s.get("preset") else "") + ". One folder per variant, each with its "
+    lines = [*front, "", f"# {md(name)}: quantized release", "",
+             f"Source {md_code(name)} at revision {md_code(rev)}; release state **{md(s['state'])}**"
+             + (f" (preset {md_code(s['preset'])})" if s.get("preset") else "")
+             + ". One folder per variant, each with its "
              "own model card (README.md), report.json and report.html.", "",
-             report.markdown_table(table(s)), "",
+             report.markdown_table([[md(c) for c in r] for r in table(s)]), "",
              "Recovery: quantized / fp16 on the evaluation's basis (task average when tasks ran, else fp16 / quantized "
              "perplexity). KLD: mean per-token KL(fp16 || quantized).", ""]
-    lines += [f"- {n}" for n in notes(s)]
+    lines += [f"- {no_html(n)}" for n in notes(s)]
     return "\n".join(lines) + "\n"
 
 
@@ -122,7 +133,7 @@ def plot(s: dict) -> str | None:
 
 
 def html_page(s: dict) -> str:
-    title = f"{s['model']}: quantized release"
+    title = f"{source_name(s)}: quantized release"
     parts = [f"<h1>{html.escape(title)}</h1>",
              f"<p>Revision <code>{html.escape(str(s.get('revision')))}</code>; state <b>{html.escape(s['state'])}</b>.</p>",
              report.html_table(table(s)),

@@ -10,6 +10,7 @@ from pathlib import Path
 from quantizers import artifact, formats
 from quantizers.scheme import Scheme
 from . import model_index, serving
+from .escape import md, md_code
 from .suite import Evaluation
 
 
@@ -29,6 +30,21 @@ def label(report: dict) -> str:
         return f"GGUF {s['gguf_type']} (llama.cpp, imatrix {s['imatrix']})"
     sym = "" if s["algorithm"] == "awq" else (" sym" if s.get("sym") in (None, True) else " asym")
     return f"{formats.get(s['format']).title} w{s['bits']} g{s['group_size']}{sym} ({s['algorithm']})"
+
+
+def source_name(report: dict) -> str:
+    """The source model's name on the card (the job's source_card: models.source_name), never the server's
+    path to it; a report from before it was recorded: the last part of what the job named."""
+    known = (report.get("source_card") or {}).get("name")
+    if known:
+        return known
+    ref = report["spec"]["model"].split("@", 1)[0].rstrip("/")
+    return Path(ref).name if ref.startswith(("/", ".", "~")) else ref
+
+
+def card_name(report: dict) -> str:
+    """The model card's model-index name: the model's own name (a Hub repo's, not its owner's) and the variant."""
+    return f"{source_name(report).rsplit('/', 1)[-1]} {label(report)}"
 
 
 def recovery_rows(ev: dict, quantized_name: str = "quantized") -> list[list[str]]:
@@ -223,11 +239,12 @@ def merge_lines(report: dict) -> list[str]:
     import yaml
     out = ["", "## Merge", "", f"The quantized model is a **{mg['method']}** merge, made by mergekit {mg['mergekit']} "
            f"(seed {mg['seed']}, merge key `{mg['key'][:16]}`), of:", ""]
-    out += [f"- `{s['model']}` at `{s['revision']}`" + (f" ({s['note']})" if s.get("note") else "")
+    out += [f"- {md_code(s['model'])} at {md_code(s['revision'])}" + (f" ({md(s['note'])})" if s.get("note") else "")
             for s in mg["sources"]]
     if len(merge_rows(report)) > 1:
         out += ["", "Each source's fp16 score beside the merged model's and the quantized model's (recovery: "
-                "quantized against the merged fp16 model):", "", markdown_table(merge_rows(report))]
+                "quantized against the merged fp16 model):", "", markdown_table([[md(c) for c in r]
+                                                                                  for r in merge_rows(report)])]
     return out + ["", "The recipe:", "", "```yaml", yaml.safe_dump(mg["recipe"], sort_keys=False).rstrip(), "```"]
 
 
@@ -250,14 +267,14 @@ def serving_lines(part: dict | None, folder_name: str) -> list[str]:
 
 
 def model_card(report: dict, folder_name: str = "path/to/this/folder") -> str:
-    ev, s = report["evaluation"], report["spec"]
+    ev = report["evaluation"]
     name = label(report)
     v = verdict(report)
     facts = [["size", size_line(report)],
              ["loads in", "<br>".join(runtime_lines(report)) or "n/a"], ["settings", settings_line(report)],
-             ["source", f"`{s['model']}` at revision `{report.get('revision')}`, quantized by quantfarm "
-                        f"{report.get('quantfarm', '')}"]]
-    lines = [model_index.front_matter(report, folder_name), "", f"# {s['model']}: {name}", "",
+             ["source", f"{md_code(source_name(report), table=True)} at revision {md_code(report.get('revision'))}, "
+                        f"quantized by quantfarm {report.get('quantfarm', '')}"]]
+    lines = [model_index.front_matter(report, card_name(report)), "", f"# {md(source_name(report))}: {name}", "",
              f"**Verdict: {v['text']}.**", "", markdown_table([["", ""], *facts]), "",
              "## Recovery against the fp16 model", "",
              "Scores in % (perplexity as is); recovery = quantized / fp16 (perplexity: fp16 / quantized). "
@@ -384,7 +401,7 @@ def html_page(report: dict) -> str:
     facts = [["verdict", v["text"]], ["size", size_line(report)], ["loads in", "; ".join(runtime_lines(report)) or "n/a"],
              ["settings", settings_line(report)]]
     cls = "ship" if v["ship"] else "noship" if v["ship"] is False else ""
-    parts = [f"<h1>{html.escape(report['spec']['model'])}: {html.escape(name)}</h1>",
+    parts = [f"<h1>{html.escape(source_name(report))}: {html.escape(name)}</h1>",
              f"<p class='{cls}'><b>Verdict: {html.escape(v['text'])}.</b></p>", html_table(facts, header=False),
              "<h2>Recovery against fp16</h2>", html_table(recovery_rows(ev, name))]
     if ev.get("kld"):

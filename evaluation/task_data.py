@@ -145,7 +145,18 @@ def gsm8k_rows(path: Path) -> list[dict]:
 
 def splits(name: str, folder: Path) -> dict[str, list[dict]]:
     """{split: rows} for one task, with the split names its lm-eval config uses. MMLU gives
-    {subject: {"test": ..., "dev": ...}} instead, one entry per subtask."""
+    {subject: {"test": ..., "dev": ...}} instead, one entry per subtask. A file not in its task's layout is
+    named with what kind of fault it has, never with what it holds: the message of int('...') or a
+    KeyError quotes the data, and a farm job's error is read by whoever submitted it."""
+    try:
+        return _splits(name, folder)
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:   # JSONDecodeError, UnicodeDecodeError
+        raise EvaluationError(f"{name}: the task data under {folder} is not in the layout of its files "
+                              f"({', '.join(TASKS[name].files)}): {type(e).__name__} while reading it; restore the "
+                              "files from the shared data folder") from None
+
+
+def _splits(name: str, folder: Path) -> dict[str, list[dict]]:
     d = folder
     if name == "arc_challenge":
         return {"test": arc_rows(d / TASKS[name].files[0]), "train": arc_rows(d / TASKS[name].files[1])}

@@ -231,7 +231,7 @@ def test_hf_source_through_datasets(tok, monkeypatch):
 
     def load_dataset(name, config, split, streaming):
         calls.append((name, config, split, streaming))
-        if name == "down/ds":
+        if name == "hf://datasets/down/ds":
             raise ConnectionError("Couldn't reach 'down/ds' on the Hub (LocalEntryNotFoundError)")
         return iter([{"text": f"Row {i} of a streamed dataset with enough words in it."} for i in range(40)])
 
@@ -240,6 +240,7 @@ def test_hf_source_through_datasets(tok, monkeypatch):
     cal = build_calibration("hf:allenai/c4:en:validation", tok, n_samples=4, seq_len=16)
     assert cal.source == "hf:allenai/c4:en:validation" and cal.tokens.shape == (4, 16)
     assert build_calibration("hf:org/ds", tok, n_samples=1, seq_len=8).source == "hf:org/ds::train"
-    assert calls[:2] == [("allenai/c4", "en", "validation", True), ("org/ds", None, "train", True)]
+    # hf://datasets/: `datasets` looks on the Hub only, never for a local folder of that name
+    assert calls[:2] == [("hf://datasets/allenai/c4", "en", "validation", True), ("hf://datasets/org/ds", None, "train", True)]
     with pytest.raises(CalibrationError, match="could not be reached.*ConnectionError"):
         build_calibration("hf:down/ds", tok, n_samples=1, seq_len=8)

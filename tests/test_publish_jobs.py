@@ -4,6 +4,7 @@ The S3 API is moto's standalone server on loopback (no S3 server can be installe
 import json
 import socket
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -20,6 +21,12 @@ SMALL = {"calibration": {"source": "model", "samples": 4, "seq_len": 32}, "group
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     return str(save_tiny(tmp_path_factory.mktemp("tiny") / "llama"))
+
+
+def published_url(shelf_url: str, artifact, name: str) -> str:
+    """Where an artifact of the folder named llama goes under a target: MODEL-REV/NAME, REV from its report."""
+    rev = json.loads((Path(artifact) / "report.json").read_text())["revision"]
+    return f"{shelf_url}/llama-{rev[:12]}/{name}"
 
 
 @pytest.fixture
@@ -48,10 +55,27 @@ def test_cli_quantize_publishes_and_retries(tiny_dir, tmp_path, monkeypatch, cap
     shelf = tmp_path / "shelf"
     out = tmp_path / "art"
     assert main(["quantize", tiny_dir, *QUICK, "--out", str(out), "--publish", shelf.as_uri()]) == 0
-    assert "published    file://" in capsys.readouterr().out
-    manifest = is_published(f"{shelf.as_uri()}/gptq-w4-g32")
+    url = published_url(shelf.as_uri(), out, "gptq-w4-g32")
+    assert f"published    {shelf.as_uri()}: {url}\n" in capsys.readouterr().out
+    manifest = is_published(url)
     assert manifest and {f["path"] for f in manifest["files"]} >= {"config.json", "model.safetensors", "README.md"}
-    assert (shelf / "gptq-w4-g32" / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+    assert manifest["source"] == tiny_dir and manifest["recipe_key"] == json.loads((out / "report.json").read_text())["recipe_key"]
+    folder = shelf / manifest["path"]
+    assert folder.as_uri() == url and (folder / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+    assert main(["publish", str(out), "--to", shelf.as_uri()]) == 0                   # the same files: a no-op
+    assert "(already there, the same files: nothing copied)" in capsys.readouterr().out
+    # another recipe of the same model under the same name: refused, the published folder untouched; --replace
+    out8 = tmp_path / "art8"
+    assert main(["quantize", tiny_dir, *QUICK, "--bits", "8", "--out", str(out8)]) == 0
+    capsys.readouterr()
+    assert main(["publish", str(out8), "--to", shelf.as_uri(), "--name", "gptq-w4-g32"]) == 4
+    err = capsys.readouterr().err
+    assert "holds another artifact" in err and "--replace" in err and f"kept at {out8}" in err
+    assert (folder / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes() and is_published(url)
+    assert main(["publish", str(out8), "--to", shelf.as_uri(), "--name", "gptq-w4-g32", "--replace"]) == 0
+    assert "(replaced what was there)" in capsys.readouterr().out
+    assert (folder / "model.safetensors").read_bytes() == (out8 / "model.safetensors").read_bytes()
+    assert is_published(url)["recipe_key"] == json.loads((out8 / "report.json").read_text())["recipe_key"]
     # an unreachable Hub: exit 4, the artifact kept, and `quantfarm publish` publishes it later
     monkeypatch.setenv("HF_TOKEN", "hf_test")
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
@@ -62,7 +86,7 @@ def test_cli_quantize_publishes_and_retries(tiny_dir, tmp_path, monkeypatch, cap
     assert "publishing to hub:acme failed" in err and f"kept at {out2}" in err and "quantfarm publish" in err
     assert (out2 / "model.safetensors").is_file()
     assert main(["publish", str(out2), "--to", shelf.as_uri(), "--name", "second"]) == 0
-    assert is_published(f"{shelf.as_uri()}/second")
+    assert is_published(published_url(shelf.as_uri(), out2, "second"))
     assert main(["publish", str(tmp_path), "--to", shelf.as_uri()]) == 2           # not an artifact
     assert main(["quantize", tiny_dir, *QUICK, "--out", str(tmp_path / "x"), "--publish", "ftp2://x/y"]) == 2
 
@@ -76,22 +100,23 @@ def test_release_publishes_each_variant_to_s3(tiny_dir, tmp_path, s3):
     s = json.loads((tmp_path / "rel" / "release.json").read_text())
     for row in s["variants"]:
         (rec,) = row["published"]
-        assert rec["url"] == f"s3://{bucket}/tiny/{row['variant']}"
+        assert rec["url"] == f"s3://{bucket}/tiny/llama-{s['revision'][:12]}/{row['variant']}"
         assert is_published(rec["url"]), row["variant"]
-        assert s3.cat(f"{bucket}/tiny/{row['variant']}/model.safetensors") == \
+        assert s3.cat(f"{rec['url'][5:]}/model.safetensors") == \
             (tmp_path / "rel" / row["variant"] / "model.safetensors").read_bytes()
 
 
 def test_farm_publishes_to_named_targets_only_and_retries_publishing(tiny_dir, tmp_path, s3, monkeypatch):
     from test_service import Server, auth
     shelf, late = tmp_path / "shelf", f"late-{uuid.uuid4().hex[:8]}"
+    other = str(save_tiny(tmp_path / "bob" / "llama", seed=1))      # bob's model: another one, also named llama
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    srv = Server(tmp_path / "home", f"sqlite:///{tmp_path}/store.db", workers=1,
-                 args=("--model-root", tiny_dir, "--publish-target", f"shelf={shelf.as_uri()}",
-                       "--publish-target", f"bucket=s3://{late}/farm"))
+    args = ("--model-root", tiny_dir, "--model-root", other, "--publish-target", f"shelf={shelf.as_uri()}",
+            "--publish-target", f"bucket=s3://{late}/farm")
+    srv = Server(tmp_path / "home", f"sqlite:///{tmp_path}/store.db", workers=1, args=args)
     try:
-        def submit(**kw):
-            return srv.http.post("/v1/jobs", json={"model": tiny_dir, **SMALL, **kw}, headers=auth("alice"))
+        def submit(who="alice", model=tiny_dir, **kw):
+            return srv.http.post("/v1/jobs", json={"model": model, **SMALL, **kw}, headers=auth(who))
 
         # destinations a submitter names are the administrator's: no URL, no Hub org, no hub without a token
         for bad, why in ((shelf.as_uri(), "URLs are not accepted"), ("hub:evil", "not allowed here"),
@@ -101,8 +126,26 @@ def test_farm_publishes_to_named_targets_only_and_retries_publishing(tiny_dir, t
         job = submit(publish=["local", "shelf"], name="tiny-g32").json()
         job = srv.wait(job["id"])
         assert job["state"] == "succeeded", job
-        assert is_published(f"{shelf.as_uri()}/tiny-g32") and job["artifacts"][0]["published"]
-        assert [p["entry"] for p in job["result"]["published"]] == ["shelf"]
+        assert job["artifacts"][0]["published"] and [p["entry"] for p in job["result"]["published"]] == ["shelf"]
+        first = job
+        # two tenants, two models, the same settings and name, one target: two folders, both whole
+        bobs = srv.wait(submit("bob", other, publish=["shelf"], name="tiny-g32").json()["id"])
+        assert bobs["state"] == "succeeded", bobs
+        for j, model in ((job, tiny_dir), (bobs, other)):
+            (rec,) = j["result"]["published"]
+            assert rec["url"] == f"{shelf.as_uri()}/llama-{j['result']['revision'][:12]}/tiny-g32"
+            manifest = is_published(rec["url"])
+            assert (manifest["source"], manifest["revision"], manifest["recipe_key"]) == \
+                (model, j["result"]["revision"], j["result"]["recipe_key"])
+            art = Path(j["result"]["artifact"])
+            assert all((shelf / manifest["path"] / e["path"]).read_bytes() == (art / e["path"]).read_bytes()
+                       for e in manifest["files"])
+        assert job["result"]["published"][0]["url"] != bobs["result"]["published"][0]["url"]
+        # another recipe under a name taken by one of alice's: refused (the job keeps its artifact), the folder kept
+        clash = srv.wait(submit(publish=["shelf"], name="tiny-g32", group_size=64).json()["id"])
+        assert clash["state"] == "publish_failed" and "holds another artifact" in clash["error"], clash
+        assert "--publish-replace" in clash["error"] and clash["result"]["publish_pending"] == ["shelf"]
+        assert is_published(first["result"]["published"][0]["url"])["recipe_key"] == first["result"]["recipe_key"]
 
         # the bucket does not exist yet: the job ends publish_failed, its artifact kept and unpublished
         job = srv.wait(submit(publish=["bucket"], bits=8).json()["id"])
@@ -114,16 +157,27 @@ def test_farm_publishes_to_named_targets_only_and_retries_publishing(tiny_dir, t
         assert r.status_code == 200, r.text
         job = srv.wait(job["id"], until=lambda j: j["state"] not in ("queued", "running"))
         assert job["state"] == "succeeded", job
-        assert job["artifacts"][0]["published"] and is_published(f"s3://{late}/farm/gptq-w8-g32")
+        assert job["result"]["published"][0]["url"] == f"s3://{late}/farm/llama-{job['result']['revision'][:12]}/gptq-w8-g32"
+        assert job["artifacts"][0]["published"] and is_published(job["result"]["published"][0]["url"])
         events = srv.http.get(f"/v1/jobs/{job['id']}/logs", headers=auth("reader")).text
         assert events.count("quantize") == 1            # the retry published; it did not quantize again
         # an admin may name a URL (as a batch file may)
         r = srv.http.post("/v1/jobs", json={"model": tiny_dir, **SMALL, "bits": 2, "publish": [(tmp_path / "adm").as_uri()]},
                           headers=auth("admin"))
         assert r.status_code == 201, r.text
-        assert srv.wait(r.json()["id"])["state"] == "succeeded" and is_published(f"{(tmp_path / 'adm').as_uri()}/gptq-w2-g32")
+        adm = srv.wait(r.json()["id"])
+        assert adm["state"] == "succeeded" and is_published(f"{(tmp_path / 'adm').as_uri()}/llama-{adm['result']['revision'][:12]}/gptq-w2-g32")
         metrics = srv.http.get("/metrics", headers=auth("reader")).text
-        assert 'quantfarm_jobs{state="succeeded"} 3.0' in metrics
+        assert 'quantfarm_jobs{state="succeeded"} 4.0' in metrics
+        # the operator allows replacing (a server setting, not the submitter's): the retry publishes over it
+        srv.close()
+        srv = Server(tmp_path / "home", f"sqlite:///{tmp_path}/store.db", workers=1, args=(*args, "--publish-replace"))
+        assert srv.http.post(f"/v1/jobs/{clash['id']}/retry", headers=auth("alice")).status_code == 200
+        clash = srv.wait(clash["id"], until=lambda j: j["state"] not in ("queued", "running"))
+        assert clash["state"] == "succeeded", clash
+        (rec,) = clash["result"]["published"]
+        assert rec["url"] == first["result"]["published"][0]["url"] and rec["status"] == "replaced"
+        assert is_published(rec["url"])["recipe_key"] == clash["result"]["recipe_key"]
     finally:
         srv.close()
 

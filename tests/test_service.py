@@ -34,12 +34,14 @@ def auth(who: str) -> dict:
 
 
 def tokens_file(folder: Path, extra: list | None = None, **settings) -> Path:
+    """Owner-only, as serve requires; bob queues hundreds of jobs in the load tests, so he has no queue quota."""
     path = folder / "tokens-test.json"
     path.write_text(json.dumps({**settings, "tokens": [
         {"name": "admin", "token": TOKENS["admin"], "roles": ["admin"]},
         {"name": "alice", "token": TOKENS["alice"], "roles": ["submit"]},
-        {"name": "bob", "token": TOKENS["bob"], "roles": ["submit"]},
+        {"name": "bob", "token": TOKENS["bob"], "roles": ["submit"], "limits": {"max_active_jobs": None}},
         {"name": "reader", "token": TOKENS["reader"], "roles": ["read"]}, *(extra or [])]}))
+    path.chmod(0o600)
     return path
 
 
@@ -47,8 +49,9 @@ class Server:
     """`quantfarm serve` in its own process group (session), so close() can reap its workers too."""
 
     def __init__(self, home: Path, db: str, workers: int, lease: float = 30.0, args: tuple = (),
-                 tokens: Path | None = None, own_tokens: bool = False, wait: bool = True):
-        """`own_tokens`: no --tokens, so serve creates HOME/tokens.json with its admin token."""
+                 tokens: Path | None = None, own_tokens: bool = False, wait: bool = True, env: dict | None = None):
+        """`own_tokens`: no --tokens, so serve creates HOME/tokens.json with its admin token. `env`: on top of
+        this environment (which is offline: HF_HUB_OFFLINE=1)."""
         home.mkdir(parents=True, exist_ok=True)
         tokens_args = () if own_tokens else ("--tokens", str(tokens or tokens_file(home)))
         self.home = home
@@ -59,7 +62,7 @@ class Server:
             [sys.executable, "-m", "service.cli", "serve", "--home", str(home), "--db", db, "--port", str(self.port),
              "--workers", str(workers), "--lease", str(lease), *tokens_args, *args],
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1"})
+            env={**os.environ, "OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1", **(env or {})})
         self.http = httpx.Client(base_url=self.url, timeout=60)
         if wait:
             self.wait_healthy()

@@ -95,10 +95,11 @@ class FakeHub:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
-    def add(self, repo_id: str, folder: Path, gated: bool = False) -> None:
+    def add(self, repo_id: str, folder: Path, gated: bool = False, sizes: dict | None = None) -> None:
+        """`sizes`: what model_info lists for some files instead of their length (a 20 GB shard, in a test)."""
         files = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
         files["README.md"] = b"# not a model file\n"
-        self.repos[repo_id] = {"files": files, "gated": gated}
+        self.repos[repo_id] = {"files": files, "gated": gated, "sizes": sizes or {}}
 
     def requested(self, suffix: str) -> list[str]:
         return [path for _, path in self.log if path.endswith(suffix)]
@@ -125,9 +126,11 @@ class FakeHub:
         if rev not in ("main", SHA):
             return self._send(h, 404, b'{"error":"Invalid rev id"}', {"X-Error-Code": "RevisionNotFound"}, body)
         files = repo["files"]
-        if api and (not rest or rest[0] == "revision"):                       # model_info
+        if api and (not rest or rest[0] == "revision"):                       # model_info (blobs: sizes too)
+            blobs = "blobs=true" in urlsplit(h.path).query.lower()
             info = {"id": repo_id, "modelId": repo_id, "sha": SHA, "private": False, "gated": repo["gated"],
-                    "siblings": [{"rfilename": n} for n in sorted(files)]}
+                    "siblings": [{"rfilename": n, **({"size": repo["sizes"].get(n, len(b))} if blobs else {})}
+                                 for n, b in sorted(files.items())]}
             return self._send(h, 200, json.dumps(info).encode(), {"Content-Type": "application/json"}, body)
         if api and rest[0] == "tree":                                           # list_repo_tree (snapshot_download)
             tree = [{"type": "file", "path": n, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
@@ -180,10 +183,10 @@ def test_gguf_source_card_is_read_once_per_file(monkeypatch, tmp_path):
     monkeypatch.setenv("QUANTFARM_CACHE", str(tmp_path / "cache"))
     resolved = resolve_model("smollm2-135m")
     first = source_card(resolved)
-    assert first == {"license": "apache-2.0", "language": ["en"]}
+    assert first == {"name": "smollm2-135m", "license": "apache-2.0", "language": ["en"]}
     (cached,) = (tmp_path / "cache" / "gguf").glob("*-card.json")
     cached.write_text(json.dumps({"license": "from-the-cache"}))      # a second call reads only the cache
-    assert source_card(resolved) == {"license": "from-the-cache"}
+    assert source_card(resolved) == {"name": "smollm2-135m", "license": "from-the-cache"}
 
 
 def test_demo_loads_dequantized_llama(demo_loaded):

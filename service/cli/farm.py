@@ -7,6 +7,7 @@ before serve exits.
 import argparse
 import logging
 import signal
+import sys
 from pathlib import Path
 
 from service.farm import policy
@@ -30,6 +31,9 @@ def add_parsers(sub):
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8600, help="TCP port of the API")
     p.add_argument("--tokens", type=Path, help="tokens file (default HOME/tokens.json, created with an admin token)")
+    p.add_argument("--allow-weak-tokens", action="store_true",
+                   help="start even if a token is shorter than 16 characters or the tokens file is readable by "
+                        "group or others (each is logged); without it the server refuses to start")
     p.add_argument("--workers", type=int, default=None,
                    help="worker processes (default: one per visible GPU, else --cpu-slots; 0: API only)")
     p.add_argument("--cpu-slots", type=int, default=1, help="CPU workers when no GPU is visible")
@@ -53,7 +57,10 @@ def add_parsers(sub):
     r.add_argument("file", type=Path, help="batch YAML: name, models (model, track, preset|variants), preset|variants, "
                                            "calibration, evaluation, publish, gate (min_recovery, max_regression)")
     _common(r)
-    r.add_argument("--wait", action="store_true", help="wait for every job and print the night report")
+    r.add_argument("--wait", action="store_true", help="wait for every job and print the night report; what it waits "
+                                                       "for goes to stderr every 30 s")
+    r.add_argument("--no-worker-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="--wait: fail (exit 2) when no worker has been alive on the store this long (0: wait for ever)")
     r.add_argument("--json", action="store_true", help="print the report as JSON")
     r.set_defaults(func=cmd_batch_run)
 
@@ -87,18 +94,20 @@ def _exit_on(signum, _frame):
 
 
 def cmd_serve(a) -> int:
+    from service.farm.auth import Auth, ensure_tokens_file
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    home = a.home or default_home()
+    tokens = a.tokens or ensure_tokens_file(home)
+    auth = Auth.from_file(tokens, allow_weak=a.allow_weak_tokens)      # a bad tokens file stops serve first
+
     import uvicorn
 
     from service.farm.api import FarmSettings, create_app
-    from service.farm.auth import Auth, ensure_tokens_file
     from service.farm.store import Store, migrate
     from service.farm.supervisor import Supervisor, largest_worker_gb, worker_commands
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    home = a.home or default_home()
     db = a.db or default_db(home)
     migrate(Store(db).engine)
     check_storage(a)
-    tokens = a.tokens or ensure_tokens_file(home)
     if a.executor == "ray":                 # Ray places the jobs; the store learns node budgets from their beats
         from service.farm.ray_executor import RayExecutor
         sup, budget = RayExecutor(db, home, a.lease, policy.from_args(a), a.ray_address, a.ray_cpus_per_job), None
@@ -107,13 +116,14 @@ def cmd_serve(a) -> int:
         commands = worker_commands(a, home, db)
         sup, budget = Supervisor(commands), largest_worker_gb(len(commands))
         where = f"{len(commands)} worker(s)"
-    app = create_app(FarmSettings(db, home, Auth.from_file(tokens), a.lease, a.max_attempts, policy.from_args(a),
+    app = create_app(FarmSettings(db, home, auth, a.lease, a.max_attempts, policy.from_args(a),
                                   budget, a.schedule, a.cron if a.schedule else None))
     # uvicorn re-raises the signal that stopped it once it has shut down: with Python's default SIGTERM
     # action the process would die there and never reach `finally`; this makes it an exit that does
     signal.signal(signal.SIGTERM, _exit_on)
     sup.start()
-    print(f"quantfarm: API on http://{a.host}:{a.port}/v1 (docs at /docs), {where}, "
+    from service.farm import docs
+    print(f"quantfarm: API on http://{a.host}:{a.port}/v1 ({docs.banner(auth)}), {where}, "
           f"store {db.split('@')[-1]}, tokens in {tokens}", flush=True)
     try:
         uvicorn.run(app, host=a.host, port=a.port, log_level="warning")
@@ -140,6 +150,18 @@ def cmd_batch_run(a) -> int:
                       admit=lambda job, src: admission.admit(job, admin=True, policy=pol,
                                                              artifact_root=home / "artifacts",
                                                              worker_memory_gb=None, src=src))
-    rep = batch.wait(store, run, home) if a.wait else batch.report(store, run)
-    print(json.dumps(rep, indent=2) if a.json else batch.markdown(rep))
+    show = (lambda rep: print(json.dumps(rep, indent=2) if a.json else batch.markdown(rep), flush=True))
+    try:
+        if a.wait:
+            rep = batch.wait(store, run, home, no_worker_timeout=a.no_worker_timeout or None,
+                             on_status=lambda line: print(line, file=sys.stderr, flush=True))
+        else:
+            rep = batch.report(store, run)
+            if batch.all_refused(rep):
+                raise batch.NothingRuns(f"every model of batch {spec.name} was refused ({len(rep['refused'])}); "
+                                        "nothing was queued: the reasons are in the report", rep)
+    except batch.NothingRuns as e:
+        show(e.report)                  # the reasons, and what was queued
+        raise
+    show(rep)
     return 0 if rep["counts"]["failed"] == 0 or not a.wait else 3

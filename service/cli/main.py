@@ -112,14 +112,16 @@ def cmd_quantize(a) -> int:
     return gate_exit(spec.min_recovery, r.evaluation) or publish_exit(r.artifact, spec)
 
 
-def publish_exit(folder, spec) -> int:
+def publish_exit(folder, spec, replace: bool = False) -> int:
     """Publish a finished artifact to the spec's targets; 4 when one fails (the artifact stays here)."""
     from service.job.spec import local_targets
     from service.job.publish import publish_each
     targets = local_targets(spec.publish)
-    records, pending, why = publish_each(folder, spec, targets)
+    records, pending, why = publish_each(folder, spec, targets, replace=replace)
+    notes = {"unchanged": " (already there, the same files: nothing copied)", "replaced": " (replaced what was there)"}
     for rec in records:
-        print(f"published    {rec['entry']}: {rec['url']}" + (f" (commit {rec['commit']})" if rec.get("commit") else ""))
+        print(f"published    {rec['entry']}: {rec['url']}" + (f" (commit {rec['commit']})" if rec.get("commit") else "")
+              + notes.get(rec.get("status"), ""))
     if why:
         again = " ".join(f"--to {e}" for e in pending)
         print(f"quantfarm: {why}\nthe artifact is kept at {folder}; publish it with `quantfarm publish {folder} {again}`",
@@ -158,6 +160,8 @@ def _publish_parser(sub):
     p.add_argument("--to", action="append", required=True, metavar="TARGET",
                    help="hub[:ORG] or a URL (file:///abs/path, s3://bucket/prefix, gs://...); repeatable")
     p.add_argument("--name", help="the published name (default: the job's, e.g. gptq-w4-g128)")
+    p.add_argument("--replace", action="store_true",
+                   help="overwrite a folder at TARGET/MODEL-REV/NAME that holds another artifact (refused without it)")
     p.set_defaults(func=cmd_publish)
 
 
@@ -169,7 +173,8 @@ def cmd_publish(a) -> int:
     if not spec:
         raise ArtifactError(f"{a.artifact} has no report.json with its job's settings; only artifacts quantfarm "
                             "wrote can be published")
-    return publish_exit(a.artifact, JobSpec.model_validate({**spec, "publish": a.to, **({"name": a.name} if a.name else {})}))
+    return publish_exit(a.artifact, JobSpec.model_validate({**spec, "publish": a.to, **({"name": a.name} if a.name else {})}),
+                        replace=a.replace)
 
 
 def serving_line(part: dict) -> str:

@@ -3,7 +3,8 @@ files), the same format preflight as `quantize` on the model's Linear shapes, th
 largest worker, and room for the artifact. A job refused here costs the submitter a second, not a
 worker's hour.
 
-Model facts (Linear shapes, widths, sizes) come from the model's config alone (service/job/facts.py).
+Model facts (Linear shapes, widths, sizes) come from the model's config alone (service/job/facts.py): a Hub
+model is resolved to its commit with its config, tokenizer and index files, never its weights.
 """
 import logging
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from service.job.models import ResolvedModel, resolve_model
 from service.job.pipeline import target
 from service.job.spec import JobSpec
 
-from .policy import Policy, check_local_files, check_publish, check_trust
+from .policy import Policy, check_paths, check_publish, check_trust
 
 log = logging.getLogger("quantfarm.api")
 
@@ -59,9 +60,10 @@ def pin(spec, *, admin: bool, policy: Policy) -> ResolvedModel:
     local model to its content hash, a merge recipe to the hash of the recipe and its sources' revisions).
     `spec`: a JobSpec or a ReleaseSpec."""
     check_trust(spec, policy, admin)
-    check_local_files(spec, policy)
+    check_paths(spec, policy)
     check_publish(spec, policy, admin)
-    return resolve_source(spec, local_roots=list(policy.model_roots), build_merge=False)   # a merge: made by the worker
+    # config and index files only: the weights (and a merge) are the worker's, after its own checks
+    return resolve_source(spec, local_roots=list(policy.model_roots), build_merge=False, weights=False)
 
 
 def admit(spec: JobSpec, *, admin: bool, policy: Policy, artifact_root: Path,

@@ -3,8 +3,8 @@
 Submitting pins the model (a Hub revision becomes its commit sha, a local model its content hash),
 so the recipe key names exactly one artifact: the same spec again returns the existing job (200)
 unless `?force=true` (201, a new job), or unless that job failed or was cancelled (a new job). The
-queue itself is the store; workers are other processes. Job and artifact ids may be shortened to
-any unambiguous prefix of at least 4 characters.
+queue itself is the store; workers are other processes. Job, artifact, release and batch run ids may be
+shortened to any unambiguous prefix of at least 4 characters (the CLI prints 8 or 12).
 """
 import asyncio
 import json
@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from fastapi import Depends, FastAPI, Header, Query, Response
+from fastapi import Depends, FastAPI, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -32,17 +31,14 @@ from evaluation import release_report
 from service.job.release import ReleaseSpec
 from service.job.spec import JobSpec
 
-from . import admission, batch, releases
+from . import admission, batch, quotas, releases
 from .auth import Auth, AuthError, Forbidden, Principal
+from . import docs, media
+from .gate import BodyTooLarge, RequestGate
 from core.errors import (ArtifactError, NotImplementedFeature, QuantfarmError, QuantizationError, SpecError, StorageError,
                          UnsafeModelError)
 from .policy import Policy
 from .store import STATES, TERMINAL, Store
-
-try:
-    import swagger_ui_bundle          # Swagger UI's files, so /docs needs no CDN
-except ImportError:                   # pragma: no cover - a dependency; /docs then says what to install
-    swagger_ui_bundle = None
 
 log = logging.getLogger("quantfarm.api")
 
@@ -67,9 +63,9 @@ class StoreUnavailable(QuantfarmError):
 
 
 # What each error answers over HTTP (the most specific class in an error's MRO wins; others: 400)
-HTTP_STATUS = {AuthError: 401, Forbidden: 403, UnsafeModelError: 403, NotFound: 404, Conflict: 409,
-               SpecError: 422, QuantizationError: 500, NotImplementedFeature: 501, StoreUnavailable: 503,
-               StorageError: 507}
+HTTP_STATUS = {AuthError: 401, Forbidden: 403, UnsafeModelError: 403, quotas.OverLimit: 403, NotFound: 404,
+               Conflict: 409, BodyTooLarge: 413, quotas.QuotaExceeded: 429, SpecError: 422, QuantizationError: 500,
+               NotImplementedFeature: 501, StoreUnavailable: 503, StorageError: 507}
 
 
 def http_status(e: QuantfarmError) -> int:
@@ -183,11 +179,12 @@ class EventStream(StreamingResponse):
 
 
 class Download(FileResponse):
-    """An artifact file, always as bytes (FileResponse would guess a type from the name)."""
-    media_type = "application/octet-stream"
+    """An artifact file with its own media type and headers (media.py): reports shown, weights downloaded."""
+    media_type = media.OCTET
 
-    def __init__(self, path, status_code: int = 200, **kw):
-        super().__init__(path, status_code=status_code, media_type=self.media_type, **kw)
+    def __init__(self, path, name: str, status_code: int = 200, **kw):
+        super().__init__(path, status_code=status_code, media_type=media.media_type(name), headers=media.headers(name),
+                         **kw)
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
@@ -333,25 +330,6 @@ class EventFeed:
             return False
 
 
-class BodyLimit:
-    """Refuses request bodies over MAX_BODY_BYTES by their Content-Length, before anything reads them."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            length = dict(scope["headers"]).get(b"content-length")
-            if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-                body = json.dumps({"detail": f"request body over {MAX_BODY_BYTES} bytes"}).encode()
-                await send({"type": "http.response.start", "status": 413,
-                            "headers": [(b"content-type", b"application/json"),
-                                        (b"content-length", str(len(body)).encode())]})
-                await send({"type": "http.response.body", "body": body})
-                return
-        await self.app(scope, receive, send)
-
-
 # ---- the app -------------------------------------------------------------------------------------------
 
 def create_app(settings: FarmSettings) -> FastAPI:
@@ -381,7 +359,7 @@ def create_app(settings: FarmSettings) -> FastAPI:
 
     app = FastAPI(title="quantfarm", version="1", description=__doc__, lifespan=lifespan,
                   docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(BodyLimit)
+    app.add_middleware(RequestGate, auth=settings.auth, max_body=MAX_BODY_BYTES, status=http_status)   # gate.py
 
     @app.exception_handler(QuantfarmError)
     async def _quantfarm_error(_req, e: QuantfarmError):
@@ -403,8 +381,8 @@ def create_app(settings: FarmSettings) -> FastAPI:
         return JSONResponse({"detail": f"invalid request: {text}", "errors": errs}, status_code=422)
 
     def role(needed: str, part: str | None = None):
-        def dep(authorization: str | None = Header(None)) -> Principal:
-            return settings.auth.check(authorization, needed, part)
+        def dep(request: Request, _=Depends(docs.BEARER)) -> Principal:      # BEARER: the schema's security scheme
+            return settings.auth.check(request.headers.get("authorization"), needed, part)
         return dep
 
     def largest_worker_gb() -> float | None:
@@ -439,36 +417,21 @@ def create_app(settings: FarmSettings) -> FastAPI:
     def metrics(_=Depends(role("read", "metrics"))):
         return Response(generate_latest(registry), media_type="text/plain; version=0.0.4")
 
-    @app.get("/openapi.json", include_in_schema=False)
-    def openapi(_=Depends(role("read", "docs"))):
-        return JSONResponse(app.openapi())
-
-    @app.get("/docs", include_in_schema=False)
-    def docs(_=Depends(role("read", "docs"))):
-        return get_swagger_ui_html(openapi_url="/openapi.json", title="quantfarm API",
-                                   swagger_js_url="/docs/assets/swagger-ui-bundle.js",
-                                   swagger_css_url="/docs/assets/swagger-ui.css",
-                                   swagger_favicon_url="/docs/assets/favicon-32x32.png")
-
-    @app.get("/docs/assets/{name}", include_in_schema=False)
-    def docs_asset(name: str):
-        """Swagger UI's own files, from the swagger-ui-bundle package: /docs works without internet."""
-        if swagger_ui_bundle is None:
-            raise NotFound("/docs needs the swagger-ui-bundle-v2 package: pip install swagger-ui-bundle-v2")
-        if name not in ("swagger-ui-bundle.js", "swagger-ui.css", "favicon-32x32.png"):
-            raise NotFound(f"no docs asset {_shown(name)}")
-        return FileResponse(Path(swagger_ui_bundle.swagger_ui_path) / name)
+    docs.add_routes(app, role("read", "docs"))        # /docs open to all, /openapi.json a read unless public
 
     # ---- jobs
 
     @app.post("/v1/jobs", tags=["jobs"], status_code=201, response_model=Job,
-              responses={200: {"model": Job, "description": "the same recipe exists: that job"}, **errors(503, 507)},
+              responses={200: {"model": Job, "description": "the same recipe exists: that job"},
+                         **errors(413, 429, 503, 507)},
               openapi_extra={"requestBody": {"content": {"application/json": {"example": SPEC_EXAMPLE}}}})
     def submit(spec: JobSpec, response: Response, force: bool = False, who: Principal = Depends(role("submit"))):
         """Queue a job once it has passed every check a worker would make first (the server's policy on remote
         code, pickle and local files; the format can hold the settings; memory; room for the artifact).
         The same recipe (spec less evaluation and scheduling, plus the pinned model revision) returns the
-        existing job with 200 unless force=true, or unless that job failed or was cancelled."""
+        existing job with 200 unless force=true, or unless that job failed or was cancelled. The token's quotas
+        (quotas.py: jobs queued or running, highest priority) are checked first."""
+        quotas.check(store, who, priority=spec.priority)
         ok = admission.admit(spec, admin=who.can("admin"), policy=settings.policy, artifact_root=artifact_root,
                              worker_memory_gb=largest_worker_gb())
         job, created = store.submit(spec.model_dump(mode="json"), spec.recipe_key(ok.revision), spec.model,
@@ -542,12 +505,13 @@ def create_app(settings: FarmSettings) -> FastAPI:
             raise Conflict(f"job {job['id']} already ended ({job['state']}); nothing to cancel")
         return job_view(store.cancel(job["id"]), store)
 
-    @app.post("/v1/jobs/{job_id}/retry", tags=["jobs"], response_model=Job, responses=errors(404, 409))
+    @app.post("/v1/jobs/{job_id}/retry", tags=["jobs"], response_model=Job, responses=errors(404, 409, 429))
     def retry(job_id: str, who: Principal = Depends(role("submit"))):
         job = get_job(job_id)
         owner_or_admin(job, who)
         if job["state"] not in ("failed", "failed_quality", "publish_failed", "cancelled"):
             raise Conflict(f"job {job['id']} is {job['state']}; only failed or cancelled jobs can be retried")
+        quotas.check(store, who)
         return job_view(store.retry(job["id"]), store)
 
     @app.get("/v1/jobs/{job_id}/report", tags=["jobs"], responses=errors(404))
@@ -566,12 +530,12 @@ def create_app(settings: FarmSettings) -> FastAPI:
                                worker_memory_gb=largest_worker_gb(), src=src)
 
     def get_release(release_id: str) -> dict:
-        view = releases.get(store, release_id) if re.fullmatch(r"[0-9a-f]{32}", release_id) else None
+        view = releases.get(store, resolve_id(store, "release", release_id))
         if view is None:
             raise NotFound(f"no release {_shown(release_id)}")
         return view
 
-    @app.post("/v1/releases", tags=["releases"], status_code=201, responses=errors(503, 507))
+    @app.post("/v1/releases", tags=["releases"], status_code=201, responses=errors(413, 429, 503, 507))
     def submit_release(spec: ReleaseSpec, who: Principal = Depends(role("submit"))):
         """Queue every variant of a release (a preset or a list) once all pass the checks a single job
         passes; a variant whose recipe was built before links that job instead of queueing a new one.
@@ -579,7 +543,8 @@ def create_app(settings: FarmSettings) -> FastAPI:
         return releases.submit(store, spec, pin=lambda rs: admission.pin(rs, admin=who.can("admin"),
                                                                          policy=settings.policy),
                                admit=lambda job, src: admit(job, src, who), submitted_by=who.name,
-                               max_attempts=settings.max_attempts)
+                               max_attempts=settings.max_attempts,
+                               limit=lambda n: quotas.check(store, who, jobs=n, priority=spec.priority, release=True))
 
     @app.get("/v1/releases", tags=["releases"], responses=errors())
     def list_releases(model: str | None = Query(None, max_length=300), limit: int = Query(20, ge=1, le=200),
@@ -597,12 +562,13 @@ def create_app(settings: FarmSettings) -> FastAPI:
     @app.get("/v1/releases/{release_id}/README.md", tags=["releases"], response_class=PlainTextResponse,
              responses=errors(404))
     def release_readme(release_id: str, _=Depends(role("read"))):
-        return PlainTextResponse(release_report.readme(get_release(release_id)), media_type="text/markdown")
+        return PlainTextResponse(release_report.readme(get_release(release_id)), media_type=media.media_type("README.md"),
+                                 headers=media.headers("README.md"))
 
     @app.get("/v1/releases/{release_id}/index.html", tags=["releases"], response_class=HTMLResponse,
              responses=errors(404))
     def release_page(release_id: str, _=Depends(role("read"))):
-        return HTMLResponse(release_report.html_page(get_release(release_id)))
+        return HTMLResponse(release_report.html_page(get_release(release_id)), headers=media.headers("index.html"))
 
     # ---- batch runs
 
@@ -619,7 +585,7 @@ def create_app(settings: FarmSettings) -> FastAPI:
     def batch_run(run_id: str, _=Depends(role("read"))):
         """A run's night report: per model, new revision or unchanged; per variant, recovery against the
         model's previous release (regressions flagged); failures with their reasons."""
-        rep = batch.finalize(store, run_id, settings.home) if re.fullmatch(r"[0-9a-f]{32}", run_id) else None
+        rep = batch.finalize(store, resolve_id(store, "batch run", run_id), settings.home)
         if rep is None:
             raise NotFound(f"no batch run {_shown(run_id)}")
         return rep
@@ -640,15 +606,16 @@ def create_app(settings: FarmSettings) -> FastAPI:
                                  for f, size in files]}
 
     @app.get("/v1/artifacts/{artifact_id}/files/{path:path}", tags=["artifacts"], response_class=Download,
-             responses=errors(404))
+             responses={200: {"content": media.DOCUMENTED}, **errors(404)})
     def artifact_file(artifact_id: str, path: str, _=Depends(role("read"))):
         art = _artifact(store, artifact_id)
         if blobstore.is_url(art["path"]):              # streamed from the storage, names checked against its listing
             bs, key = blobstore.at(art["path"])
             if path not in {f for f, _ in bs.files(key)}:
                 raise NotFound(f"artifact {art['id']} has no file {_shown(path)}")
-            return StreamingResponse(_chunks(bs.open(key, path)), media_type=Download.media_type)
-        return Download(artifact_path(Path(art["path"]), path, art["id"]))
+            return StreamingResponse(_chunks(bs.open(key, path)), media_type=media.media_type(path),
+                                     headers=media.headers(path))
+        return Download(artifact_path(Path(art["path"]), path, art["id"]), path)
 
     return app
 

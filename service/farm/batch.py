@@ -26,10 +26,19 @@ from service.job.release import PRESETS, ReleaseSpec, Variant
 from service.job.spec import Calibration
 
 from . import releases
-from .store import Store, batch_runs
+from .store import Store, batch_runs, workers
 from .store import releases as releases_table
 
 log = logging.getLogger("quantfarm.batch")
+
+
+class NothingRuns(QuantfarmError):
+    """A batch run that cannot finish: every model was refused, or no worker has been alive to build its jobs
+    for longer than the caller waits. `report` is the run's report at that moment."""
+
+    def __init__(self, message: str, report: dict):
+        super().__init__(message)
+        self.report = report
 
 
 class Gate(BaseModel):
@@ -195,12 +204,54 @@ def finalize(store: Store, run_id: str, home: Path | None = None) -> dict | None
     return rep
 
 
-def wait(store: Store, run_id: str, home: Path | None = None, poll: float = 2.0, timeout: float | None = None) -> dict:
-    deadline = None if timeout is None else time.time() + timeout
+def all_refused(rep: dict) -> bool:
+    """Every model of the run was refused at submission: nothing was queued, nothing will run."""
+    return bool(rep["refused"]) and len(rep["refused"]) == len(rep["spec"]["models"])
+
+
+def last_worker_beat(store: Store) -> float | None:
+    """When a worker (serve's, or a `quantfarm worker` on the store) last said it was alive; None: never."""
+    with store.engine.connect() as c:
+        return c.execute(select(func.max(workers.c.seen_at))).scalar()
+
+
+def status_line(rep: dict, since_beat: float | None, live: bool, quiet: float) -> str:
+    """One line of what a waiting `batch run --wait` waits for: its jobs by state, and the workers."""
+    states = [v["state"] for m in rep["models"] for v in m["variants"]]
+    queued, running = states.count("queued"), states.count("running")
+    refused = f" ({len(rep['refused'])} model(s) refused)" if rep["refused"] else ""
+    workers_part = f"a worker beat {since_beat:.0f} s ago" if live else f"no live worker seen for {quiet:.0f} s"
+    return (f"batch {rep['batch']} run {rep['run'][:12]}: {queued} job(s) queued, {running} running, "
+            f"{len(states) - queued - running} done{refused}; {workers_part}")
+
+
+def wait(store: Store, run_id: str, home: Path | None = None, poll: float = 2.0, timeout: float | None = None,
+         no_worker_timeout: float | None = None, on_status=None, status_every: float = 30.0) -> dict:
+    """The run's report once its jobs have ended (or `timeout` passed). `on_status(line)` hears what it waits
+    for, at once and every `status_every` s. Raises NothingRuns when every model was refused, or when no worker
+    has beaten for `no_worker_timeout` s (counted from the later of the wait's start and the last beat): the
+    jobs would sit queued for ever."""
+    start = time.time()
+    deadline = None if timeout is None else start + timeout
+    said = None
     while True:
         rep = finalize(store, run_id, home)
+        if all_refused(rep):
+            raise NothingRuns(f"every model of batch {rep['batch']} was refused ({len(rep['refused'])}); nothing "
+                              "was queued: the reasons are in the report", rep)
         if rep["state"] != "running" or (deadline and time.time() > deadline):
             return rep
+        now, beat = time.time(), last_worker_beat(store)
+        quiet = now - max(start, beat or 0.0)
+        live = beat is not None and now - beat <= 3 * store.lease_seconds       # as the API counts workers alive
+        if no_worker_timeout and quiet > no_worker_timeout:
+            raise NothingRuns(f"batch {rep['batch']} run {rep['run'][:12]}: no worker has been alive for "
+                              f"{quiet:.0f} s (--no-worker-timeout {no_worker_timeout:g}), so its jobs stay queued; "
+                              "start `quantfarm serve` (with workers) or `quantfarm worker` on this store, then "
+                              "follow the run with GET /v1/batches/RUN", rep)
+        if on_status is not None and (said is None or now - said >= status_every):
+            on_status(status_line(rep, None if beat is None else now - beat, live, quiet))
+            said = now
         time.sleep(poll)
 
 

@@ -2,7 +2,8 @@
 
 A submit token belongs to a colleague, a script or a leaked CI secret, so these are the server's decision
 (`serve --allow-remote-code`, `--allow-pickle`, `--model-root`, `--data-root`), never the spec's: the API
-checks them before queueing and the worker again before running, with the same functions.
+checks them before queueing and the worker again before running, with the same functions. Every path a
+submitter can name (text sources, task data, models, a merge recipe's models) passes `check_paths`.
 """
 import os
 import re
@@ -10,9 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .auth import Forbidden
-from core.errors import CalibrationError, SpecError
-
-NAMED_SOURCES = ("auto", "c4", "wikitext2", "model")
+from core.errors import CalibrationError, ModelSourceError, SpecError
 
 
 @dataclass(frozen=True)
@@ -23,6 +22,7 @@ class Policy:
     data_roots: tuple[Path, ...] = ()
     publish_targets: tuple[tuple[str, str], ...] = ()     # (name, URL) the administrator set up
     storage: str | None = None          # where state and artifacts live (fsspec URL); None: HOME's own folders
+    publish_replace: bool = False       # a publish may overwrite a folder holding another artifact
 
     def worker_args(self) -> list[str]:
         """The same policy as `quantfarm worker` arguments."""
@@ -33,7 +33,7 @@ class Policy:
             out += ["--data-root", str(r)]
         for name, url in self.publish_targets:
             out += ["--publish-target", f"{name}={url}"]
-        return out + (["--storage", self.storage] if self.storage else [])
+        return out + (["--storage", self.storage] if self.storage else []) + ["--publish-replace"] * self.publish_replace
 
     def publish_target(self, entry: str, admin: bool = False):
         """The Target a job's publish entry names: local, hub (the server's account) or a name the
@@ -66,7 +66,8 @@ def from_args(a) -> Policy:
     return Policy(bool(a.allow_remote_code), bool(a.allow_pickle),
                   tuple(Path(r).expanduser().resolve() for r in a.model_root or ()),
                   tuple(Path(r).expanduser().resolve() for r in a.data_root or ()), tuple(targets),
-                  a.storage.rstrip("/") if getattr(a, "storage", None) else None)
+                  a.storage.rstrip("/") if getattr(a, "storage", None) else None,
+                  publish_replace=bool(getattr(a, "publish_replace", False)))
 
 
 def check_publish(spec, policy: Policy, admin: bool = False) -> list:
@@ -93,6 +94,9 @@ def add_arguments(p):
                    help="a destination jobs may name in `publish` (file:///..., s3://bucket/prefix, gs://...; "
                         "credentials from the server's environment, e.g. AWS_*); repeatable. Jobs may always name "
                         "local, and hub when HF_TOKEN and QUANTFARM_HUB_ORG are set")
+    p.add_argument("--publish-replace", action="store_true",
+                   help="let a publish overwrite TARGET/MODEL-REV/NAME when it holds another artifact (another recipe "
+                        "under the same name); without it such a job ends publish_failed and nothing is overwritten")
 
 
 def check_trust(spec, policy: Policy, admin: bool) -> None:
@@ -109,30 +113,52 @@ def check_trust(spec, policy: Policy, admin: bool) -> None:
             raise Forbidden(f"{setting} needs an admin token: this server allows it ({flag}) for admins only")
 
 
-def local_path(source: str | None) -> str | None:
-    """The file a calibration or evaluation text source names, if it names one (mirrors
-    calibration.sources.resolve_text_source: file:PATH, a .txt/.jsonl name, or anything with a slash)."""
-    if source is None or source in NAMED_SOURCES or source.startswith("hf:"):
-        return None
-    raw = source[5:] if source.startswith("file:") else source
-    if source.startswith("file:") or raw.lower().endswith((".txt", ".jsonl")) or os.sep in raw:
-        return raw
-    return None
+def check_paths(spec, policy: Policy) -> None:
+    """Every path a submitter can name, each through one rule: calibration and evaluation text (a file under
+    the data roots, or a Hub dataset id while this server reaches the Hub), the task data folder (under the
+    data roots), the model and every model a merge recipe references (the demo model, a Hub id, or under the
+    model roots). Outside the roots there is one answer whatever exists there: nothing is looked at. A merge
+    recipe's chat_template, the one other field mergekit reads a file from, is refused unless it names one of
+    mergekit's templates when the spec is validated (service/job/merge.py). `spec`: a JobSpec or ReleaseSpec."""
+    from service.job import merge                                    # torch: not for the client commands
+    from service.job.models import confine
+    for what, source in (("calibration source", spec.calibration.source), ("evaluation text", spec.evaluation.text)):
+        if source is not None:
+            check_text_source(what, source, policy)
+    if spec.evaluation.data_dir is not None:
+        check_data_path("task data folder", spec.evaluation.data_dir, policy, folder=True)
+    if spec.merge is None:
+        confine(spec.model, list(policy.model_roots))
+    for ref in merge.model_paths(spec.merge) if spec.merge is not None else ():
+        try:
+            confine(ref, list(policy.model_roots))
+        except ModelSourceError as e:
+            raise type(e)(f"merge source {ref}: {e}") from None
 
 
-def check_local_files(spec, policy: Policy) -> None:
-    """Calibration and evaluation files and the task data folder of a JobSpec: only under the data roots,
-    with one answer for everything outside them (nothing is looked at there)."""
+def check_text_source(what: str, source: str, policy: Policy) -> None:
+    """A calibration or evaluation text source as calibration.sources.classify reads it (the same function
+    a job opens it with): named sources pass, files only under the data roots, Hub datasets only by id."""
+    from calibration.sources import classify
+    from service.job.models import offline
+    kind, value = classify(source)                      # an unknown form or a Hub "id" that is a path: refused
+    if kind == "hub" and (offline() or _flag("HF_DATASETS_OFFLINE")):
+        raise CalibrationError(f"{what} {source!r}: this server works without the Hub (HF_HUB_OFFLINE), so it "
+                               "takes no hf: datasets; use c4, wikitext2, model or a .txt/.jsonl file under "
+                               "a --data-root folder")
+    if kind == "file":
+        check_data_path(what, value, policy, folder=False)
+
+
+def check_data_path(what: str, path: str, policy: Policy, *, folder: bool) -> None:
+    """A file or folder only under the data roots (symlinks followed); "does not exist" only inside them."""
     from service.job.models import is_under, outside_roots_message   # torch: not for the client commands
-    named = [("calibration file", local_path(spec.calibration.source)),
-             ("evaluation text", local_path(spec.evaluation.text)),
-             ("task data folder", spec.evaluation.data_dir)]
-    for what, path in named:
-        if path is None:
-            continue
-        if not is_under(path, policy.data_roots):
-            raise CalibrationError(outside_roots_message(what, path, policy.data_roots, "--data-root"))
-        exists = Path(path).expanduser().is_dir() if what == "task data folder" else \
-            Path(path).expanduser().is_file()
-        if not exists:
-            raise CalibrationError(f"{what} {path} does not exist under the data roots")
+    if not is_under(path, policy.data_roots):
+        raise CalibrationError(outside_roots_message(what, path, policy.data_roots, "--data-root"))
+    p = Path(path).expanduser()
+    if not (p.is_dir() if folder else p.is_file()):
+        raise CalibrationError(f"{what} {path} does not exist under the data roots")
+
+
+def _flag(name: str) -> bool:
+    return (os.environ.get(name) or "").strip().upper() in {"1", "ON", "YES", "TRUE"}

@@ -13,9 +13,17 @@ as its next attempt and resumes on another node from its per-layer state. Ray re
 Per-layer state and artifacts live in `--storage URL` (s3://, or file:// on a share every node mounts): a
 task computes in its node's scratch folder and mirrors there, so a job resumed on another node continues
 from its last finished layer. Without it they are under HOME, which every node must then see at one path.
+
+Ray runs whatever code a connected driver sends, on nodes whose environment holds the store's, S3's and the
+Hub's credentials, so quantfarm talks only to a Ray with token authentication (RAY_AUTH_MODE=token). The Ray
+it starts itself (`--ray-address auto`) gets a fresh random token in a 0600 file and listens on loopback
+only; for a cluster the operator gives its token in RAY_AUTH_TOKEN or a file named by RAY_AUTH_TOKEN_PATH.
 """
 import logging
 import os
+import secrets
+import shutil
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -24,6 +32,50 @@ from .policy import Policy
 from .store import Store
 
 log = logging.getLogger("quantfarm.ray")
+LOOPBACK = ("127.0.0.1", "::1")
+
+
+def private_ray_token() -> Path:
+    """Token auth for the Ray this serve starts: a fresh token in a 0600 file inside a 0700 folder of its
+    own, which Ray's processes inherit through RAY_AUTH_TOKEN_PATH (left to itself, Ray 2.60 writes one token
+    for all of this user's Rays to ~/.ray/auth_token, readable by every user). Also puts Ray in its
+    single-machine mode (read when `ray` is imported), where 127.0.0.1 stays its node address, so its gRPC
+    servers (GCS, raylet, workers, agents) bind to loopback instead of every interface. The folder also
+    takes Ray's session (logs, sockets, spilled objects), which would otherwise go to the shared /tmp/ray."""
+    folder = Path(tempfile.mkdtemp(prefix="quantfarm-ray-"))
+    path = folder / "auth_token"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_urlsafe(32))
+    os.environ.pop("RAY_AUTH_TOKEN", None)             # it would take precedence over the file
+    os.environ.pop("RAY_ADDRESS", None)                # ray.init() would join that cluster instead
+    os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(path),
+                       "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
+    return path
+
+
+def cluster_token(address: str) -> None:
+    """Token auth for a cluster the operator runs: its token from RAY_AUTH_TOKEN, or from the file that
+    RAY_AUTH_TOKEN_PATH names (not readable by other users). No token, no connection."""
+    from core.errors import QuantfarmError
+    where = f"--executor ray: the Ray cluster at {address}"
+    mode = os.environ.get("RAY_AUTH_MODE", "token")
+    if mode != "token":
+        raise QuantfarmError(f"{where}: RAY_AUTH_MODE={mode}; quantfarm connects only to a Ray with token "
+                             "authentication: start the cluster with RAY_AUTH_MODE=token and unset it here")
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if not os.environ.get("RAY_AUTH_TOKEN") and path:
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            raise QuantfarmError(f"{where}: cannot read RAY_AUTH_TOKEN_PATH={path} ({e.strerror})") from None
+        if st.st_mode & 0o007:
+            raise QuantfarmError(f"{where}: the token file {path} is open to every user: chmod 600 {path}")
+    elif not os.environ.get("RAY_AUTH_TOKEN"):
+        raise QuantfarmError(f"{where}: no Ray token; give serve the cluster's token in RAY_AUTH_TOKEN or in a "
+                             "file (mode 0600) named by RAY_AUTH_TOKEN_PATH (`ray get-auth-token` on the head "
+                             "prints it; the cluster runs with RAY_AUTH_MODE=token)")
+    os.environ["RAY_AUTH_MODE"] = "token"           # Ray never turns it on by itself for an explicit address
 
 
 def run_claimed(db_url: str, lease: float, job_id: str, worker: str, home: str, device: str, policy: Policy) -> str:
@@ -50,20 +102,33 @@ class RayExecutor(threading.Thread):
         self.address, self.cpus_per_job, self.poll = address, cpus_per_job, poll
         self.stopping = threading.Event()
         self.running: dict = {}                         # ObjectRef -> (job id, worker name)
+        self.token: Path | None = None                  # a Ray of our own: its token file, beside its session
 
     def start(self):
         """Connect first, in the caller's thread: a Ray that cannot be reached stops `serve` with the reason."""
-        import ray
-
         from core.errors import QuantfarmError
+        if self.address == "auto":
+            self.token = private_ray_token()           # before `import ray`: it reads the single-machine mode
+        else:
+            cluster_token(self.address)
+        import ray
         try:
             if self.address == "auto":                 # a Ray of our own on this machine
-                ray.init(include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+                ctx = ray.init(include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
+                               _node_ip_address="127.0.0.1", _temp_dir=str(self.token.parent / "ray"))
             else:
                 ray.init(address=self.address, log_to_driver=False, ignore_reinit_error=True)
         except Exception as e:
+            if self.token is not None:
+                shutil.rmtree(self.token.parent, ignore_errors=True)
             raise QuantfarmError(f"--executor ray: cannot connect to Ray at {self.address}: "
                                  f"{type(e).__name__}: {e}") from None
+        if self.address == "auto" and ctx.address_info["node_ip_address"] not in LOOPBACK:
+            ray.shutdown()                              # `ray` was imported before the mode was set
+            shutil.rmtree(self.token.parent, ignore_errors=True)
+            raise QuantfarmError(f"--executor ray: the local Ray took node address "
+                                 f"{ctx.address_info['node_ip_address']}, not loopback; start serve with "
+                                 "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 in its environment")
         super().start()
 
     def kind(self) -> tuple[dict, str]:
@@ -128,6 +193,10 @@ class RayExecutor(threading.Thread):
 
     def stop(self, grace: float = 20.0):
         """Stop dispatching; jobs already on Ray hand themselves back when their lease runs out unless they
-        finish first (the cluster outlives this serve)."""
+        finish first (the cluster outlives this serve). A Ray of our own goes now, with its folder."""
         self.stopping.set()
         self.join(timeout=grace)
+        if self.token is not None:
+            import ray
+            ray.shutdown()
+            shutil.rmtree(self.token.parent, ignore_errors=True)

@@ -15,14 +15,17 @@ from .store import Store, jobs, release_jobs, releases
 
 
 def submit(store: Store, rs: ReleaseSpec, *, pin, admit, submitted_by: str | None, max_attempts: int = 3,
-           batch_run: str | None = None) -> dict:
+           batch_run: str | None = None, limit=None) -> dict:
     """Pin the source once (`pin(rs)` -> ResolvedModel), admit every variant (`admit(spec, src)` ->
-    admission.Admitted, raising on the first refusal), then queue them and record the release; returns its view."""
+    admission.Admitted, raising on the first refusal), then queue them and record the release; returns its view.
+    `limit(n)`: the submitter's quotas on a release of n jobs (quotas.check), raising before any is admitted."""
     src = pin(rs)
     pinned = src.revision or src.content_hash
     facts = admission.model_facts(src)
-    planned = [(name, spec, note, admit(spec, src))
-               for name, spec, note in rs.jobs(pinned, facts and {i for i, _ in facts.shapes})]
+    variants = rs.jobs(pinned, facts and {i for i, _ in facts.shapes})
+    if limit is not None:
+        limit(len(variants))
+    planned = [(name, spec, note, admit(spec, src)) for name, spec, note in variants]
     release_id = uuid.uuid4().hex
     links = []
     for position, (name, spec, note, ok) in enumerate(planned):

@@ -211,8 +211,9 @@ class Store:
             return _row(c.execute(select(jobs).where(jobs.c.id == job_id)).first())
 
     def ids_starting(self, kind: str, prefix: str, limit: int = 3) -> list[str]:
-        """Ids of jobs (kind "job") or artifacts ("artifact") that start with `prefix`, at most `limit`."""
-        table = {"job": jobs, "artifact": artifacts}[kind]
+        """Ids of jobs (kind "job"), artifacts ("artifact"), releases ("release") or batch runs ("batch run")
+        that start with `prefix`, at most `limit`."""
+        table = {"job": jobs, "artifact": artifacts, "release": releases, "batch run": batch_runs}[kind]
         with self.engine.connect() as c:
             return [r.id for r in c.execute(select(table.c.id).where(table.c.id.startswith(prefix, autoescape=True))
                                             .order_by(table.c.id).limit(limit))]
@@ -230,6 +231,12 @@ class Store:
     def counts(self) -> dict[str, int]:
         with self.engine.connect() as c:
             return {s: n for s, n in c.execute(select(jobs.c.state, func.count()).group_by(jobs.c.state))}
+
+    def active_jobs(self, submitted_by: str) -> int:
+        """Jobs of one submitter queued or running: its share of the queue, for quotas (service/farm/quotas.py)."""
+        with self.engine.connect() as c:
+            return c.execute(select(func.count()).select_from(jobs).where(
+                jobs.c.submitted_by == submitted_by, jobs.c.state.in_(("queued", "running")))).scalar_one()
 
     def durations(self) -> list[float]:
         with self.engine.connect() as c:

@@ -34,7 +34,7 @@ from service.job.shared import Shared
 from service.job.spec import JobSpec
 
 from core.errors import QuantfarmError
-from .policy import Policy, check_local_files, check_trust
+from .policy import Policy, check_paths, check_trust
 from .store import Store, migrate
 
 log = logging.getLogger("quantfarm.worker")
@@ -111,7 +111,7 @@ def run_job(store: Store, job: dict, worker: str, home: Path, device: str, polic
     try:
         spec = JobSpec.model_validate(job["spec"])
         check_trust(spec, policy, admin=True)       # the API let only admins ask; this worker must allow it too
-        check_local_files(spec, policy)
+        check_paths(spec, policy)
         pending = (job.get("result") or {}).get("publish_pending")
         targets = [(e, policy.publish_target(e, admin=True))      # the API checked who may name a URL
                    for e in (spec.publish if pending is None else pending)]
@@ -128,11 +128,12 @@ def run_job(store: Store, job: dict, worker: str, home: Path, device: str, polic
                 shutil.rmtree(folder, ignore_errors=True)
                 store_, key = blob_at(result["artifact"])
                 store_.get(key, folder)
-                state, error, summary = publish_to(store, job_id, spec, targets, {**result, "artifact": str(folder)})
+                state, error, summary = publish_to(store, job_id, spec, targets, {**result, "artifact": str(folder)},
+                                                   policy.publish_replace)
                 summary["artifact"] = result["artifact"]
                 shutil.rmtree(folder.parent, ignore_errors=True)
             else:
-                state, error, summary = publish_to(store, job_id, spec, targets, result)
+                state, error, summary = publish_to(store, job_id, spec, targets, result, policy.publish_replace)
             if beat.lost:
                 return "lost"
             if store.finish(job_id, worker, state, error=error, result=summary) and state == "succeeded":
@@ -209,7 +210,7 @@ def _quantize(store, job, spec, targets, worker, home, device, policy, stopping,
                "perplexity": result.perplexity, "recovery": recovery,
                "recovery_basis": result.evaluation.get("recovery_basis"), "warnings": result.warnings}
     if state == "succeeded":                        # the quality gate decides what is published
-        state, error, summary = publish_to(store, job_id, spec, targets, summary)
+        state, error, summary = publish_to(store, job_id, spec, targets, summary, policy.publish_replace)
     path = result.artifact
     if blobs is not None:                           # the artifact lives in the storage; the scratch goes
         store.add_event(job_id, "step", "store artifact")
@@ -224,19 +225,21 @@ def _quantize(store, job, spec, targets, worker, home, device, policy, stopping,
     return state
 
 
-def publish_to(store: Store, job_id: str, spec: JobSpec, targets: list, summary: dict) -> tuple[str, str | None, dict]:
+def publish_to(store: Store, job_id: str, spec: JobSpec, targets: list, summary: dict,
+               replace: bool = False) -> tuple[str, str | None, dict]:
     """Publish a finished artifact to each (entry, Target); returns (state, error, summary). A failure ends the
     job publish_failed with the entries still to do in its result, so a retry publishes those and quantizes
-    nothing again."""
+    nothing again. `replace`: the server's --publish-replace (a folder holding another artifact is overwritten)."""
     try:
-        records, pending, why = publish.publish_each(summary["artifact"], spec, targets,
+        records, pending, why = publish.publish_each(summary["artifact"], spec, targets, replace=replace,
                                                      on_start=lambda e: store.add_event(job_id, "step", f"publish {e}"))
     except Exception as e:              # an upload library's own error: the artifact is intact, a retry may publish
         store.add_event(job_id, "log", traceback.format_exc())
         records, pending = [], [x for x, _ in targets]
         why = f"publishing failed ({type(e).__name__}: {e}); the traceback is in GET /v1/jobs/{job_id}/logs"
     for rec in records:
-        store.add_event(job_id, "log", f"published to {rec['entry']}: {rec['url']}", rec)
+        note = {"unchanged": " (the same files were there)", "replaced": " (replaced what was there)"}.get(rec.get("status"), "")
+        store.add_event(job_id, "log", f"published to {rec['entry']}: {rec['url']}{note}", rec)
     summary = {**summary, "published": [*(summary.get("published") or []), *records], "publish_pending": pending}
     if why:
         return "publish_failed", f"{why}; POST /v1/jobs/{job_id}/retry publishes again without quantizing", summary

@@ -182,7 +182,7 @@ def run(spec: JobSpec, out_dir, *, dev, overwrite: bool, cache_dir, on_step, sho
                            resolve_pinned, round_to_storage)
     times, t0 = {}, time.perf_counter()
     on_step("resolve")
-    src, revision = resolve_pinned(spec, shared, model_roots, on_step, should_stop)
+    src, revision = resolve_pinned(spec, shared, model_roots, on_step, should_stop, before_weights=preflight)
     t = llama_cpp.tools()                                               # clear errors before any work
     folder = fp16_folder(src)
     arch = architecture(folder, t)

@@ -10,6 +10,7 @@ checked against mergekit's own schema and the method's own parameter list, befor
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -110,6 +111,7 @@ def check(recipe: dict):
         if extra:
             raise ValueError(f"{where}: {cfg.merge_method} takes no parameter {extra[0]!r} "
                              f"(its parameters: {', '.join(sorted(takes)) or 'none'})")
+    _check_chat_template(cfg.chat_template)
     refs = _references(recipe)
     if any(r.lora is not None for r in refs.values()):
         raise ValueError("merge: LoRA references (model+adapter) are not supported by quantfarm; merge the adapter "
@@ -117,6 +119,32 @@ def check(recipe: dict):
     if len({str(r.model) for r in refs.values()}) > MAX_SOURCES:
         raise ValueError(f"merge: at most {MAX_SOURCES} source models")
     return cfg
+
+
+def chat_templates() -> list[str]:
+    """The chat_template names mergekit resolves itself: "auto" (the sources' own) and its package's templates."""
+    import importlib.resources
+
+    from mergekit._data import chat_templates as package
+    return ["auto", *sorted(p.name.removesuffix(".jinja") for p in importlib.resources.files(package).iterdir()
+                            if p.name.endswith(".jinja"))]
+
+
+def _check_chat_template(value: str | None) -> None:
+    """A name of chat_templates(), or the template's Jinja text inline. mergekit reads any other short string
+    without "{" as the file `<its templates folder>/VALUE.jinja`, and an absolute path or `..` there escapes
+    that folder: `/etc/passwd` would read /etc/passwd.jinja into the merged model's chat_template.jinja."""
+    if value is None or value in chat_templates() or ("{" in value and len(value) >= 20):
+        return
+    raise ValueError(f"merge.chat_template: {value[:100]!r} is not one of mergekit's templates "
+                     f"({', '.join(chat_templates())}); give one of those, the template's Jinja text itself, or "
+                     "leave it out to keep the base model's")
+
+
+def model_paths(recipe: dict) -> list[str]:
+    """Every model a checked recipe references (base_model, models, slices' sources, tokenizer_source, a
+    tokenizer's embedding sources) as mergekit reads its path (org/name@rev or a folder)."""
+    return sorted({str(r.model) for r in _references(recipe).values()})
 
 
 def _unknown_keys(cls, data, loc: tuple) -> list[str]:
@@ -252,9 +280,10 @@ def identity(src) -> str:
 
 
 def pin(recipe: dict, *, allow_pickle: bool = False, trust_remote_code: bool = False,
-        local_roots: list | None = None) -> Merge:
+        local_roots: list | None = None, weights: bool = True, on_step=None, should_stop=None) -> Merge:
     """Check the recipe, resolve each source (as a job's model would be: the same rules and roots) and hash
-    the result. Sources are resolved only after the recipe passed every check."""
+    the result. Sources are resolved only after the recipe passed every check. `weights=False`: Hub sources'
+    weights are left pending (admission; `complete` fetches them)."""
     from mergekit.common import ModelReference
 
     from .models import resolve_model
@@ -262,12 +291,11 @@ def pin(recipe: dict, *, allow_pickle: bool = False, trust_remote_code: bool = F
         cfg = check(recipe)
     except ValueError as e:
         raise SpecError(str(e)) from None
-    paths = {str(r.model) for r in _references(recipe).values()}
     sources = {}
-    for p in sorted(paths):
+    for p in model_paths(recipe):
         try:
             src = resolve_model(p, None, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-                                local_roots=local_roots)
+                                local_roots=local_roots, weights=weights, on_step=on_step, should_stop=should_stop)
         except ModelSourceError as e:
             raise type(e)(f"merge source {p}: {e}") from None
         sources[p] = src
@@ -392,18 +420,38 @@ def resolved(m: Merge, name: str):
                          trust_remote_code=any(s.trust_remote_code for s in m.sources.values()), merge=m)
 
 
-def resolve_source(spec, *, local_roots=None, build_merge: bool = True, on_step=lambda s: None,
-                   should_stop=None):
+def resolve_source(spec, *, local_roots=None, build_merge: bool = True, weights: bool = True,
+                   on_step=lambda s: None, should_stop=None):
     """A JobSpec's or ReleaseSpec's source: its model resolved, or its merge recipe pinned (and merged when
-    `build_merge`)."""
+    `build_merge`). `weights=False`: Hub weights left pending, for `complete` after the caller's checks."""
     from .models import resolve_model
     flags = dict(allow_pickle=spec.allow_pickle, trust_remote_code=spec.trust_remote_code)
+    steps = dict(weights=weights, on_step=on_step, should_stop=should_stop)
     if getattr(spec, "merge", None) is None:
-        return resolve_model(spec.model, spec.revision, local_roots=local_roots, **flags)
-    m = pin(spec.merge, local_roots=local_roots, **flags)
+        return resolve_model(spec.model, spec.revision, local_roots=local_roots, **flags, **steps)
+    m = pin(spec.merge, local_roots=local_roots, **flags, **steps)
     if build_merge:
         build(m, on_step=on_step, should_stop=should_stop)
     return resolved(m, spec.model)
+
+
+def complete(src, *, on_step=lambda s: None, should_stop=None):
+    """A source resolved with weights=False made whole: a Hub model's weights fetched; a merge's sources'
+    weights fetched (the report scores each source) and the merge made unless cached."""
+    from .hub_weights import fetch_weights
+    if src.merge is None:
+        return fetch_weights(src, on_step, should_stop)
+    m = src.merge
+    m = dataclasses.replace(m, sources={p: fetch_weights(s, on_step, should_stop) for p, s in m.sources.items()})
+    build(m, on_step=on_step, should_stop=should_stop)
+    return resolved(m, src.ref)
+
+
+def incomplete(src) -> bool:
+    """Whether `complete` has work left for this source."""
+    if src.merge is None:
+        return src.pending is not None
+    return not src.merge.built or any(s.pending is not None for s in src.merge.sources.values())
 
 
 def source_scores(m: Merge, plan, cache, load, dtype, dev) -> dict[str, dict]:

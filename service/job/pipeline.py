@@ -148,7 +148,8 @@ def run(spec: JobSpec, out_dir, *, device: str = "auto", state_dir=None, overwri
                             should_stop=should_stop, model_roots=model_roots, shared=shared)
 
     on_step("resolve")
-    src, revision = resolve_pinned(spec, shared, model_roots, on_step, should_stop)
+    src, revision = resolve_pinned(spec, shared, model_roots, on_step, should_stop,
+                                   before_weights=lambda s: check_before_weights(spec, s, out_dir))
     dtype = compute_dtype(dev)
     model, tokenizer = load_model(src, dtype=dtype)
     round_to_storage(model)
@@ -237,18 +238,40 @@ def resolve_key(spec, model_roots) -> tuple:
             json.dumps(spec.merge, sort_keys=True))
 
 
-def resolve_pinned(spec: JobSpec, shared: Shared, model_roots, on_step=_noop, should_stop=None) -> tuple:
+def resolve_pinned(spec: JobSpec, shared: Shared, model_roots, on_step=_noop, should_stop=None,
+                   before_weights=None) -> tuple:
     """(the resolved source, its pinned revision), refusing a local source (or a merge) whose content changed
-    since the job was made (its revision is then a content hash). A merge recipe is merged here (cached)."""
-    src = shared.get("resolve", resolve_key(spec, model_roots), lambda: resolve_source(spec, local_roots=model_roots, on_step=on_step,
-                                                            should_stop=should_stop))
+    since the job was made (its revision is then a content hash). The source is pinned from its config and
+    index files first; `before_weights(src)` makes the checks those answer, and only then are a Hub model's
+    weights fetched (with progress steps) and a merge recipe merged (both cached)."""
+    key = resolve_key(spec, model_roots)
+    src = shared.get("resolve", key, lambda: resolve_source(spec, local_roots=model_roots, build_merge=False,
+                                                            weights=False))
     revision = src.revision or src.content_hash
     if src.revision is None and spec.revision and spec.revision != src.content_hash:
         what = "its merge recipe's sources" if spec.merge is not None else "its files"
         raise ModelSourceError(f"{spec.model} was pinned at content hash {spec.revision[:16]}... when the job was "
                                f"made, and {what} now hash to {src.content_hash[:16]}...: the model changed since; "
                                "submit it again to quantize what is there now")
+    if merge.incomplete(src):
+        if before_weights is not None:
+            before_weights(src)
+        src = merge.complete(src, on_step=on_step, should_stop=should_stop)
+        shared.put("resolve", key, src)
     return src, revision
+
+
+def check_before_weights(spec: JobSpec, src, out_dir) -> None:
+    """What a source's config answers, checked before its weights are fetched: the format can hold these
+    settings for its Linear shapes, and the artifact fits where it goes (both checked again on the loaded
+    model). A config that cannot be read here leaves it to those later checks."""
+    from .facts import model_facts
+    facts = model_facts(src)
+    if facts is None:
+        return
+    cfg = spec.quant_config()
+    preflight.refuse_unwritable(preflight.report(target(cfg, spec.format), set(facts.shapes)))
+    storage.check_space(out_dir, estimates.artifact_bytes(facts.meta_model, cfg.scheme))
 
 
 def merge_part(src, plan, dtype, dev, shared: Shared, cache_dir, on_step, times: dict) -> dict | None:

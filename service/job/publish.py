@@ -1,35 +1,30 @@
 """Publishing: copy a finished artifact folder to where a serving stack loads it from.
 
 Targets are `local` (the artifact stays in the local store), `hub` / `hub:ORG` (a Hugging Face Hub repo) or an
-fsspec URL (`file:///abs/path`, `s3://bucket/prefix`, `gs://bucket/prefix`, ...).
-
-Why a manifest: object stores have no atomic folder rename, so a reader could see half an upload. Files go up
-first and `quantfarm-manifest.json` (names, sizes, sha256) last; "published" means that manifest is there and
-every file it lists has its size. A Hub upload is one commit, which is atomic already, so it needs none.
+fsspec URL (`file:///abs/path`, `s3://bucket/prefix`, `gs://bucket/prefix`, ...). An fsspec target gets
+`URL/MODEL-REV/NAME/`, written atomically (file://: a temporary folder renamed into place) or manifest last
+(object stores), and never overwrites another artifact unless the operator asks: publish_files.py says how, and
+what a reader may trust. A Hub upload is one commit, which is atomic already, into a repo whose name holds the
+model and the variant (`{org}/{model}-{variant}`).
 
 Why failures are PublishError: publishing runs after the expensive work, so a failed upload must never lose or
 touch the local artifact; the message says where it is kept and that publishing again completes the job.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import json
 import os
 import re
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 from core.errors import ArtifactError, PublishError, SpecError
+from service.job.publish_files import MANIFEST, artifact_identity, is_published, model_name, publish_fsspec
 from service.job.storage import is_artifact
 
-__all__ = ["MANIFEST", "HubSettings", "Target", "is_published", "parse_target", "publish"]
+__all__ = ["MANIFEST", "HubSettings", "Target", "is_published", "parse_target", "publish", "publish_each"]
 
-MANIFEST = "quantfarm-manifest.json"
-# object stores: "mkdir" is a no-op for prefixes and may *create a bucket*, so it is never called on them
-_OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oci", "oss"}
 # fsspec protocols that cannot take writes, or that are a transport rather than a place
 _NOT_WRITABLE = {"http", "https"}
 _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
@@ -131,12 +126,14 @@ def hub_repo_id(hub: HubSettings, model: str, variant: str, org: str | None = No
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     org = org or hub.org
+    if "{model}" not in hub.name_template or "{variant}" not in hub.name_template:
+        raise SpecError(f"Hub name template {hub.name_template!r} must contain {{model}} and {{variant}}: without "
+                        "them two models, or two variants, would be published to one repo")
     if "{org}" in hub.name_template and not org:
         raise SpecError("Hub publishing needs an org: set QUANTFARM_HUB_ORG, name one as 'hub:ORG', or use a name "
                         "template without {org}")
     try:
-        repo_id = hub.name_template.format(org=org, model=_hub_part(model.rstrip("/").split("/")[-1]),
-                                           variant=_hub_part(variant))
+        repo_id = hub.name_template.format(org=org, model=_hub_part(model_name(model)), variant=_hub_part(variant))
     except (KeyError, IndexError, ValueError) as e:
         raise SpecError(f"Hub name template {hub.name_template!r} is invalid ({e}); it may use {{org}}, "
                         "{model} and {variant}") from e
@@ -160,37 +157,13 @@ def _artifact_files(folder: Path) -> list[tuple[str, Path]]:
     return [(rel, p) for rel, p in files if rel != MANIFEST]
 
 
-def _report(folder: Path) -> dict:
-    try:
-        return json.loads((folder / "report.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _source_model(folder: Path) -> str:
-    spec_model = (_report(folder).get("spec") or {}).get("model")
-    if spec_model:
-        return str(spec_model)
-    try:
-        meta = (json.loads((folder / "config.json").read_text()).get("quantization_config") or {}).get("meta") or {}
-    except (OSError, ValueError):
-        meta = {}
-    return str(meta.get("source_model") or folder.name)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def publish(folder, target: Target | str, *, name: str, hub: HubSettings | None = None,
-            storage_options: dict | None = None, model: str | None = None) -> dict:
+            storage_options: dict | None = None, model: str | None = None, replace: bool = False) -> dict:
     """Publish the artifact `folder` as `name` to `target` (a string is parsed as trusted configuration).
-    Returns {"target", "url", "files", "bytes", "commit", "seconds"}; raises SpecError / ArtifactError for what is
-    wrong before any upload, PublishError when the upload fails (the local artifact is never modified)."""
+    Returns {"target", "url", "status", "files", "bytes", "commit", "seconds"}, status "published", "replaced"
+    or "unchanged" (the same files were there: nothing copied); raises SpecError / ArtifactError for what is
+    wrong before any upload, PublishError when the destination holds another artifact (unless `replace`, the
+    operator's choice) or the upload fails (the local artifact is never modified)."""
     t0 = time.perf_counter()
     folder = Path(folder).absolute()
     if isinstance(target, str):
@@ -198,93 +171,17 @@ def publish(folder, target: Target | str, *, name: str, hub: HubSettings | None 
     files = _artifact_files(folder)
     total = sum(p.stat().st_size for _, p in files)
     record = {"target": str(target), "files": len(files), "bytes": total, "commit": None}
+    identity = artifact_identity(folder, model)
     if target.kind == "local":
-        record["url"] = folder.as_uri()
+        record.update(url=folder.as_uri(), status="kept")
     elif target.kind == "hub":
-        record.update(_publish_hub(folder, target, name, hub, model or _source_model(folder)))
+        record.update(_publish_hub(folder, target, name, hub, model or identity["source"], identity, replace))
     else:
         if not _NAME_OK.match(name or "") or ".." in name:
             raise SpecError(f"publish name {name!r}: use letters, digits, '.', '_' and '-' (one path component)")
-        record["url"] = _publish_fsspec(folder, files, target, name, storage_options or {})
+        record.update(publish_fsspec(folder, files, target.url, name, storage_options or {}, identity, replace))
     record["seconds"] = round(time.perf_counter() - t0, 3)
     return record
-
-
-def _filesystem(url: str, storage_options: dict):
-    """(fs, path) for url; a missing package or bad storage options is a SpecError (nothing was written)."""
-    import fsspec
-
-    protocol = url.split("://", 1)[0]
-    try:
-        return fsspec.core.url_to_fs(url, **storage_options)
-    except ImportError as e:
-        raise SpecError(f"cannot publish to {url}: the {protocol}:// filesystem is not installed ({e})") from e
-    except (TypeError, ValueError) as e:
-        raise SpecError(f"cannot publish to {url}: invalid storage options ({e})") from e
-
-
-def _publish_fsspec(folder: Path, files: list[tuple[str, Path]], target: Target, name: str,
-                    storage_options: dict) -> str:
-    fs, root = _filesystem(target.url, storage_options)
-    dest = f"{root.rstrip('/')}/{name}"
-    url = fs.unstrip_protocol(dest)
-    entries = [{"path": rel, "size": p.stat().st_size, "sha256": _sha256(p)} for rel, p in files]
-    local = not (set(fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)) & _OBJECT_STORES)
-    done = 0
-    try:
-        old = _read_manifest(fs, dest)
-        if old is not None:
-            fs.rm_file(f"{dest}/{MANIFEST}")     # first: a reader must never pair an old manifest with new files
-        for rel, p in files:
-            if local:
-                fs.makedirs(f"{dest}/{rel}".rsplit("/", 1)[0], exist_ok=True)
-            fs.put_file(str(p), f"{dest}/{rel}")
-            done += 1
-        # files of the previous publish that this artifact does not have (an old shard would be loaded beside
-        # the new ones); only files our own manifest listed are removed, never anything else under dest
-        stale = {e.get("path") for e in (old or {}).get("files", [])} - {rel for rel, _ in files}
-        for rel in sorted(p for p in stale if isinstance(p, str) and ".." not in p.split("/")):
-            if fs.exists(f"{dest}/{rel}"):
-                fs.rm_file(f"{dest}/{rel}")
-        manifest = {"format": "quantfarm-manifest/1", "name": name, "recipe_key": _report(folder).get("recipe_key"),
-                    "published_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "files": entries}
-        fs.pipe_file(f"{dest}/{MANIFEST}", (json.dumps(manifest, indent=1) + "\n").encode())
-    except Exception as e:  # any backend's error (OSError, botocore, gcsfs, ...): reported the same way
-        raise PublishError(f"publishing {folder} to {url} failed after {done} of {len(files)} files "
-                           f"({type(e).__name__}: {e}); it is not marked published (no manifest there). The local "
-                           f"artifact at {folder} is intact; publish again to retry") from e
-    return url
-
-
-def _read_manifest(fs, dest: str) -> dict | None:
-    try:
-        manifest = json.loads(fs.cat_file(f"{dest}/{MANIFEST}"))
-    except FileNotFoundError:
-        return None
-    except ValueError:
-        return {}                          # unreadable: still ours to replace
-    return manifest if isinstance(manifest, dict) else {}
-
-
-def is_published(url: str, storage_options: dict | None = None) -> dict | None:
-    """The manifest at the artifact's URL (`{target}/{name}`) when it is there and every file it lists exists with
-    its size; None otherwise. An error other than "not found" (network, permission) raises PublishError: a check
-    that could not look must not answer "not published"."""
-    fs, dest = _filesystem(url.rstrip("/"), storage_options or {})
-    dest = dest.rstrip("/")
-    try:
-        manifest = _read_manifest(fs, dest)
-        if not manifest or not isinstance(manifest.get("files"), list):
-            return None
-        sizes = {fs._strip_protocol(k).rstrip("/"): v.get("size") for k, v in fs.find(dest, detail=True).items()}
-    except FileNotFoundError:
-        return None
-    except Exception as e:
-        raise PublishError(f"cannot check {url} ({type(e).__name__}: {e})") from e
-    for entry in manifest["files"]:
-        if not isinstance(entry, dict) or sizes.get(f"{dest}/{entry.get('path')}") != entry.get("size"):
-            return None
-    return manifest
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:
@@ -298,9 +195,34 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def _publish_hub(folder: Path, target: Target, name: str, hub: HubSettings | None, model: str) -> dict:
+def _hub_occupant(api, repo_id: str) -> dict | None:
+    """Whose artifact the repo holds now (artifact_identity of its report.json), None for an empty repo."""
+    import tempfile
+
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            api.hf_hub_download(repo_id, "report.json", repo_type="model", local_dir=tmp)
+        except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError):
+            return None
+        return artifact_identity(Path(tmp))
+
+
+def _same_artifact(a: dict, b: dict) -> bool:
+    """One recipe (when both know theirs), else one source at one revision."""
+    if a.get("recipe_key") and b.get("recipe_key"):
+        return a["recipe_key"] == b["recipe_key"]
+    return (a["source"], a.get("revision")) == (b["source"], b.get("revision"))
+
+
+def _publish_hub(folder: Path, target: Target, name: str, hub: HubSettings | None, model: str,
+                 identity: dict, replace: bool = False) -> dict:
     """One create_repo and one upload_folder commit; the commit mirrors the folder (delete_patterns="*"), so a
-    republish with fewer shards leaves none of the old ones."""
+    republish with fewer shards leaves none of the old ones. The repo's name holds the model's last name part
+    and the variant, so two sources of one name (org1/llama, org2/llama) can meet in one repo: a repo that holds
+    another source's or recipe's artifact is refused unless `replace`. The commit message carries the source's
+    revision and the recipe key."""
     hub = hub or HubSettings()
     if not hub.token:
         raise SpecError("Hub publishing needs a token: set HF_TOKEN on the server (a token with write access)")
@@ -316,9 +238,20 @@ def _publish_hub(folder: Path, target: Target, name: str, hub: HubSettings | Non
     try:
         api = HfApi(endpoint=hub.endpoint, token=hub.token)
         repo = api.create_repo(repo_id, private=hub.private, exist_ok=True, repo_type="model")
+        step = "read what the repo holds"
+        there = _hub_occupant(api, repo_id)
+        if there is not None and not replace and not _same_artifact(there, identity):
+            raise PublishError(f"cannot publish {folder} to {repo_id}: it holds another artifact (source "
+                               f"{there['source']} at revision {there.get('revision')}, recipe {there.get('recipe_key')}"
+                               f"), not this one (source {identity['source']} at {identity.get('revision')}, recipe "
+                               f"{identity.get('recipe_key')}). The local artifact at {folder} is kept; change the "
+                               "server's Hub name template or org, or ask the operator to replace it (quantfarm "
+                               "publish --replace, or serve --publish-replace)")
         step = "upload"
         info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
                                  commit_message=f"quantfarm: publish {name}", delete_patterns="*",
+                                 commit_description=f"source {identity['source']} at revision "
+                                                    f"{identity['revision']}, recipe {identity['recipe_key']}",
                                  ignore_patterns=[MANIFEST])
     except HfHubHTTPError as e:
         status = getattr(getattr(e, "response", None), "status_code", None)
@@ -332,20 +265,24 @@ def _publish_hub(folder: Path, target: Target, name: str, hub: HubSettings | Non
                            f"{type(e).__name__}: {e}). The local artifact at {folder} is kept; publish again "
                            "when the Hub is reachable") from e
     return {"url": str(getattr(repo, "url", repo)), "commit": getattr(info, "oid", None),
-            "commit_url": getattr(info, "commit_url", None)}
+            "commit_url": getattr(info, "commit_url", None),
+            "status": "published" if there is None else "updated" if _same_artifact(there, identity) else "replaced"}
 
 
-def publish_each(folder, spec, targets: list, on_start=lambda entry: None) -> tuple[list, list, str | None]:
+def publish_each(folder, spec, targets: list, on_start=lambda entry: None,
+                 replace: bool = False) -> tuple[list, list, str | None]:
     """Publish the artifact of `spec` (a JobSpec) to each (entry, Target) in turn, `local` skipped (the
     artifact is there already). Returns (records, the entries not published, why): a failure stops at that
-    target, so publishing again later goes on from there."""
+    target, so publishing again later goes on from there. `replace` (the operator's setting, never the spec's)
+    lets it overwrite another artifact's folder."""
     done = []
     for i, (entry, target) in enumerate(targets):
         if target.kind == "local":
             continue
         on_start(entry)
         try:
-            rec = publish(folder, target, name=spec.label(), hub=HubSettings.from_env(), model=spec.model)
+            rec = publish(folder, target, name=spec.label(), hub=HubSettings.from_env(), model=spec.model,
+                          replace=replace)
         except (PublishError, SpecError, ArtifactError) as e:
             return done, [x for x, _ in targets[i:]], f"publishing to {entry} failed: {e}"
         done.append({**rec, "entry": entry})

@@ -210,7 +210,7 @@ def run(rs: ReleaseSpec, out_root, *, device: str = "auto", cache_dir=None, over
     out_root = Path(out_root)
     storage.check_writable(out_root / "release.json")
     targets = local_targets(rs.publish)
-    src = resolve_source(rs, build_merge=False)
+    src = resolve_source(rs, build_merge=False, weights=False)     # weights: by the first job, after its checks
     revision = src.revision or src.content_hash
     shared = Shared()               # the variants' jobs name the pinned revision: they find the source resolved
     jobs = rs.jobs(revision, input_widths(src))
