@@ -79,7 +79,7 @@ def test_release_in_process_shares_work_and_matches_single_jobs(tiny_dir, tmp_pa
     readme = (tmp_path / "rel" / "README.md").read_text()
     assert "base_model_relation: quantized" in readme and "| w8a16 | succeeded | compressed-tensors | 8 |" in readme
     assert "base_model:" not in readme                                        # a local source has no Hub id
-    assert "group 128 -> 64" in readme
+    assert "group 128 -&gt; 64" in readme                                     # prose with its HTML made inert
     page = (tmp_path / "rel" / "index.html").read_text()
     assert "<img" in page and "w4a16" in page
 

@@ -121,7 +121,10 @@ def test_leaderboard_eval_report_and_cache(art, home, monkeypatch, capsys):
     row = next(r for r in ev["rows"] if r["name"] == "arc_challenge")
     assert arc.metric_value == round(100 * row["quantized"], 2) and arc.metric_args["fp16_value"] == round(100 * row["fp16"], 2)
     assert data.license == "apache-2.0" and data.language == ["en"] and data.quantized_by == "quantfarm"
-    assert data.model_name == out.name and "base_model" not in data.to_dict()      # a demo, not a Hub model
+    from evaluation.report import card_name
+    assert data.model_name == card_name(json.loads((out / "report.json").read_text()))
+    assert data.model_name.startswith("smollm2-135m ") and out.name not in data.model_name   # the model, no folder
+    assert "base_model" not in data.to_dict()                                                # a demo, not a Hub model
     assert "| average (tasks) |" in card and "hellaswag: llama.cpp text layout" in card
     printed = capsys.readouterr().out
 
