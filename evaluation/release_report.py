@@ -80,17 +80,8 @@ def notes(s: dict) -> list[str]:
     return out
 
 
-def source_name(s: dict) -> str:
-    """What the release calls its source: a Hub id, demo or merge name as given; a server folder or file by its
-    last path component, never the server's path to it."""
-    model = str(s["model"])
-    if s.get("hub_model") or not model.startswith(("/", "./", "../", "~")):
-        return model
-    return Path(model.rstrip("/")).name or model
-
-
 def readme(s: dict) -> str:
-    rev, name = s.get("revision"), source_name(s)
+    rev, name = s.get("revision"), report.shown_ref(s["model"])
     front = ["---", *([f"base_model: {s['model']}"] if s.get("hub_model") else []), "base_model_relation: quantized",
              "tags:", "- quantized", "- quantfarm", *(f"- {f}" for f in sorted({r['format'] for r in s['variants']
                                                                               if r.get('format')})), "---"]
@@ -133,7 +124,7 @@ def plot(s: dict) -> str | None:
 
 
 def html_page(s: dict) -> str:
-    title = f"{source_name(s)}: quantized release"
+    title = f"{report.shown_ref(s['model'])}: quantized release"
     parts = [f"<h1>{html.escape(title)}</h1>",
              f"<p>Revision <code>{html.escape(str(s.get('revision')))}</code>; state <b>{html.escape(s['state'])}</b>.</p>",
              report.html_table(table(s)),

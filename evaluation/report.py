@@ -36,10 +36,14 @@ def source_name(report: dict) -> str:
     """The source model's name on the card (the job's source_card: models.source_name), never the server's
     path to it; a report from before it was recorded: the last part of what the job named."""
     known = (report.get("source_card") or {}).get("name")
-    if known:
-        return known
-    ref = report["spec"]["model"].split("@", 1)[0].rstrip("/")
-    return Path(ref).name if ref.startswith(("/", ".", "~")) else ref
+    return known or shown_ref(report["spec"]["model"].split("@", 1)[0])
+
+
+def shown_ref(ref: str) -> str:
+    """A model reference as a card or release shows it: a path (a server folder or file) by its last part,
+    anything else (a Hub id, a demo or merge name) as given."""
+    ref = str(ref)
+    return (Path(ref.rstrip("/")).name or ref) if ref.startswith(("/", ".", "~")) else ref
 
 
 def card_name(report: dict) -> str:

@@ -5,7 +5,6 @@ A submit token belongs to a colleague, a script or a leaked CI secret, so these 
 checks them before queueing and the worker again before running, with the same functions. Every path a
 submitter can name (text sources, task data, models, a merge recipe's models) passes `check_paths`.
 """
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,7 +141,7 @@ def check_text_source(what: str, source: str, policy: Policy) -> None:
     from calibration.sources import classify
     from service.job.models import offline
     kind, value = classify(source)                      # an unknown form or a Hub "id" that is a path: refused
-    if kind == "hub" and (offline() or _flag("HF_DATASETS_OFFLINE")):
+    if kind == "hub" and offline("HF_DATASETS_OFFLINE"):
         raise CalibrationError(f"{what} {source!r}: this server works without the Hub (HF_HUB_OFFLINE), so it "
                                "takes no hf: datasets; use c4, wikitext2, model or a .txt/.jsonl file under "
                                "a --data-root folder")
@@ -158,7 +157,3 @@ def check_data_path(what: str, path: str, policy: Policy, *, folder: bool) -> No
     p = Path(path).expanduser()
     if not (p.is_dir() if folder else p.is_file()):
         raise CalibrationError(f"{what} {path} does not exist under the data roots")
-
-
-def _flag(name: str) -> bool:
-    return (os.environ.get(name) or "").strip().upper() in {"1", "ON", "YES", "TRUE"}

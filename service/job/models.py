@@ -279,11 +279,13 @@ def _endpoint() -> str:
     return (os.environ.get("HF_ENDPOINT") or "").strip().rstrip("/") or DEFAULT_ENDPOINT
 
 
-def offline() -> bool:
-    """Whether this process is to work without the Hub (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE)."""
+def offline(*also: str) -> bool:
+    """Whether this process is to work without the Hub (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE, or any of the
+    variables `also` names, such as HF_DATASETS_OFFLINE, set to a true value)."""
     from huggingface_hub import constants
-    env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
-    return env.strip().upper() in {"1", "ON", "YES", "TRUE"} or bool(constants.HF_HUB_OFFLINE)
+    names = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", *also)
+    return any((os.environ.get(n) or "").strip().upper() in {"1", "ON", "YES", "TRUE"} for n in names) \
+        or bool(constants.HF_HUB_OFFLINE)
 
 
 def _connection_errors() -> tuple[type[BaseException], ...]:

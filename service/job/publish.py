@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.errors import ArtifactError, PublishError, SpecError
-from service.job.publish_files import MANIFEST, artifact_identity, is_published, model_name, publish_fsspec
+from service.job.publish_files import (MANIFEST, artifact_identity, is_published, model_name, name_part, publish_fsspec,
+                                       same_recipe, who)
 from service.job.storage import is_artifact
 
 __all__ = ["MANIFEST", "HubSettings", "Target", "is_published", "parse_target", "publish", "publish_each"]
@@ -114,13 +115,6 @@ class HubSettings:
                    org=env.get("QUANTFARM_HUB_ORG") or None)
 
 
-def _hub_part(text: str) -> str:
-    """Hub-legal name part: [A-Za-z0-9._-], no '--' or '..', no leading or trailing '-' or '.'."""
-    text = re.sub(r"[^A-Za-z0-9._-]+", "-", text)
-    text = re.sub(r"-{2,}", "-", re.sub(r"\.{2,}", ".", text))
-    return text.strip("-.")
-
-
 def hub_repo_id(hub: HubSettings, model: str, variant: str, org: str | None = None) -> str:
     """The repo id the template names for `model` (its last path component) and `variant`."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
@@ -133,7 +127,7 @@ def hub_repo_id(hub: HubSettings, model: str, variant: str, org: str | None = No
         raise SpecError("Hub publishing needs an org: set QUANTFARM_HUB_ORG, name one as 'hub:ORG', or use a name "
                         "template without {org}")
     try:
-        repo_id = hub.name_template.format(org=org, model=_hub_part(model_name(model)), variant=_hub_part(variant))
+        repo_id = hub.name_template.format(org=org, model=name_part(model_name(model)), variant=name_part(variant))
     except (KeyError, IndexError, ValueError) as e:
         raise SpecError(f"Hub name template {hub.name_template!r} is invalid ({e}); it may use {{org}}, "
                         "{model} and {variant}") from e
@@ -209,13 +203,6 @@ def _hub_occupant(api, repo_id: str) -> dict | None:
         return artifact_identity(Path(tmp))
 
 
-def _same_artifact(a: dict, b: dict) -> bool:
-    """One recipe (when both know theirs), else one source at one revision."""
-    if a.get("recipe_key") and b.get("recipe_key"):
-        return a["recipe_key"] == b["recipe_key"]
-    return (a["source"], a.get("revision")) == (b["source"], b.get("revision"))
-
-
 def _publish_hub(folder: Path, target: Target, name: str, hub: HubSettings | None, model: str,
                  identity: dict, replace: bool = False) -> dict:
     """One create_repo and one upload_folder commit; the commit mirrors the folder (delete_patterns="*"), so a
@@ -240,12 +227,10 @@ def _publish_hub(folder: Path, target: Target, name: str, hub: HubSettings | Non
         repo = api.create_repo(repo_id, private=hub.private, exist_ok=True, repo_type="model")
         step = "read what the repo holds"
         there = _hub_occupant(api, repo_id)
-        if there is not None and not replace and not _same_artifact(there, identity):
-            raise PublishError(f"cannot publish {folder} to {repo_id}: it holds another artifact (source "
-                               f"{there['source']} at revision {there.get('revision')}, recipe {there.get('recipe_key')}"
-                               f"), not this one (source {identity['source']} at {identity.get('revision')}, recipe "
-                               f"{identity.get('recipe_key')}). The local artifact at {folder} is kept; change the "
-                               "server's Hub name template or org, or ask the operator to replace it (quantfarm "
+        if there is not None and not replace and not same_recipe(there, identity):
+            raise PublishError(f"cannot publish {folder} to {repo_id}: it holds another artifact ({who(there)}) "
+                               f"than this one ({who(identity)}). The local artifact at {folder} is kept; change "
+                               "the server's Hub name template or org, or ask the operator to replace it (quantfarm "
                                "publish --replace, or serve --publish-replace)")
         step = "upload"
         info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
@@ -266,7 +251,7 @@ def _publish_hub(folder: Path, target: Target, name: str, hub: HubSettings | Non
                            "when the Hub is reachable") from e
     return {"url": str(getattr(repo, "url", repo)), "commit": getattr(info, "oid", None),
             "commit_url": getattr(info, "commit_url", None),
-            "status": "published" if there is None else "updated" if _same_artifact(there, identity) else "replaced"}
+            "status": "published" if there is None else "updated" if same_recipe(there, identity) else "replaced"}
 
 
 def publish_each(folder, spec, targets: list, on_start=lambda entry: None,

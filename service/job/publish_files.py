@@ -48,10 +48,11 @@ def model_name(source: str) -> str:
     return last.split("@", 1)[0].removesuffix(".gguf") or last
 
 
-def _path_part(text: str) -> str:
-    """A safe folder name part: [A-Za-z0-9._-], no '..', starting and ending with a letter or digit."""
+def name_part(text: str, limit: int | None = None) -> str:
+    """A name part that is safe as a folder and legal on the Hub: [A-Za-z0-9._-], no '--' or '..', starting and
+    ending with a letter or digit; at most `limit` characters."""
     text = re.sub(r"[^A-Za-z0-9._-]+", "-", text)
-    return re.sub(r"-{2,}", "-", re.sub(r"\.{2,}", ".", text)).strip("-._")[:64].strip("-._")
+    return re.sub(r"-{2,}", "-", re.sub(r"\.{2,}", ".", text)).strip("-._")[:limit].strip("-._")
 
 
 def read_json(path: Path) -> dict:
@@ -80,7 +81,7 @@ def published_dir(identity: dict, entries: list[dict]) -> str:
     rev = str(rev)
     hexed = re.fullmatch(r"[0-9A-Fa-f]{12,}", rev)
     short = rev[:12].lower() if hexed else hashlib.sha256(rev.encode()).hexdigest()[:12]
-    return f"{_path_part(model_name(identity['source'])) or 'model'}-{short}"
+    return f"{name_part(model_name(identity['source']), 64) or 'model'}-{short}"
 
 
 def sha256(path: Path) -> str:
@@ -158,16 +159,21 @@ def _verdict(fs, dest: str, dest_url: str, folder, identity: dict, entries: list
         return "published", None          # object stores: nothing there, or an interrupted upload to complete
     if valid_manifest(old) and _file_set(old["files"]) == _file_set(entries) and _complete(fs, dest, old):
         return "unchanged", old
-    same_recipe = (valid_manifest(old) and identity.get("recipe_key") is not None
-                   and old.get("recipe_key") == identity["recipe_key"]
-                   and all(old.get(k, identity[k]) == identity[k] for k in ("source", "revision")))
-    if same_recipe or replace:
+    if (valid_manifest(old) and same_recipe(old, identity)) or replace:
         return "replaced", old
-    raise PublishError(f"{dest_url} holds another artifact ({_who(old)}) than {folder} ({_who(identity)}); nothing "
+    raise PublishError(f"{dest_url} holds another artifact ({who(old)}) than {folder} ({who(identity)}); nothing "
                        f"was written and the local artifact is kept. {how}")
 
 
-def _who(m: dict) -> str:
+def same_recipe(there: dict, identity: dict) -> bool:
+    """Whether what a destination holds (its manifest or report identity) is a build of this recipe of this
+    source: then a publish may update it; anything else needs the operator's replace."""
+    return (identity.get("recipe_key") is not None and there.get("recipe_key") == identity["recipe_key"]
+            and all(there.get(k, identity[k]) == identity[k] for k in ("source", "revision")))
+
+
+def who(m: dict) -> str:
+    """Whose artifact a manifest or identity describes, in one line."""
     return (f"{m.get('source') or 'unknown source'} at revision {str(m.get('revision') or '?')[:12]}, "
             f"recipe {str(m.get('recipe_key') or '?')[:12]}")
 
