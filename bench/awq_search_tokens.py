@@ -33,8 +33,9 @@ def main(argv=None):
     from quantizers.scheme import Scheme
     from quantizers.walk import quantize_model
     from service.cli.main import quiet_third_party
-    from service.job.pipeline import round_to_storage
-    from service.job.models import load_model, resolve_model
+    from service.job.steps import round_to_storage
+    from service.job.loading import load_model
+    from service.job.models import resolve_model
 
     quiet_third_party()
     base, tok = load_model(resolve_model("smollm2-135m"))

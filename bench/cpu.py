@@ -31,8 +31,9 @@ def prepare(work: Path, samples: int, seq_len: int, seed: int):
     from safetensors.torch import save_file
 
     from calibration import build_calibration, eval_tokens
-    from service.job.pipeline import round_to_storage
-    from service.job.models import load_model, resolve_model
+    from service.job.steps import round_to_storage
+    from service.job.loading import load_model
+    from service.job.models import resolve_model
 
     model, tok = load_model(resolve_model("smollm2-135m"))
     round_to_storage(model)
@@ -58,7 +59,8 @@ def run_ours(a):
     from quantizers.scheme import Scheme
     from quantizers.walk import quantize_model
     from quantizers.artifact import save
-    from service.job.models import load_model, resolve_model
+    from service.job.loading import load_model
+    from service.job.models import resolve_model
 
     work = Path(a.work)
     model, tok = load_model(resolve_model(str(work / "smollm2-fp16")))

@@ -53,8 +53,10 @@ def main(argv=None):
 
     from calibration import data_dir
     from evaluation.leaderboard import lm_eval_version, lm_for
-    from service.job.pipeline import compute_dtype, pick_device, round_to_storage
-    from service.job.models import load_model, resolve_model
+    from service.job.context import compute_dtype, pick_device
+    from service.job.steps import round_to_storage
+    from service.job.loading import load_model
+    from service.job.models import resolve_model
 
     dev = pick_device(args.device)
     model, tok = load_model(resolve_model(args.model), dtype=compute_dtype(dev))

@@ -21,7 +21,8 @@ sys.path.insert(0, str(REPO))
 from calibration import build_calibration  # noqa: E402
 from quantizers import llama_cpp  # noqa: E402
 from quantizers.formats.gguf import PRESET  # noqa: E402
-from service.job.models import fp16_folder, load_model, resolve_model  # noqa: E402
+from service.job.loading import fp16_folder, load_model  # noqa: E402
+from service.job.models import resolve_model  # noqa: E402
 
 
 def main():

@@ -18,11 +18,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from calibration import build_calibration, eval_tokens  # noqa: E402
-from quantizers import llama_cpp  # noqa: E402
+from quantizers import imatrix, llama_cpp  # noqa: E402
 from quantizers.formats.gguf import PRESET, file_summary  # noqa: E402
-from service.job import gguf_job  # noqa: E402
-from service.job.models import fp16_folder, load_model, resolve_model  # noqa: E402
-from service.job.pipeline import round_to_storage  # noqa: E402
+from service.job.loading import fp16_folder, load_model  # noqa: E402
+from service.job.models import resolve_model  # noqa: E402
+from service.job.steps import round_to_storage  # noqa: E402
 
 
 def main():
@@ -53,7 +53,7 @@ def main():
         for kind in a.imatrix.split(","):
             if kind != "none":
                 t0 = time.perf_counter()
-                mats[kind] = gguf_job.make_imatrix(kind, model, calib, f16, tok, t, "cpu", d / f"imatrix-{kind}.gguf")
+                mats[kind] = imatrix.make_file(kind, model, calib, f16, tok, t, "cpu", d / f"imatrix-{kind}.gguf")
                 times[f"imatrix_{kind}"] = time.perf_counter() - t0
         rows = []
         for typ in a.types.split(","):

@@ -4,6 +4,8 @@ evaluation table and leaderboards read), the base model at its pinned revision, 
 carried from the source, and the tags a quantized release carries."""
 from huggingface_hub import EvalResult, ModelCardData
 
+from quantizers import formats
+
 from .task_data import TASKS, WIKITEXT2
 
 METRIC_NAMES = {"acc_norm": "normalized accuracy", "acc": "accuracy", "exact_match": "exact match",
@@ -42,10 +44,9 @@ def front_matter(report: dict, name: str) -> str:
     (report.card_name: the model's name and the variant, not a folder or job id)."""
     s, src = report["spec"], report.get("source_card") or {}
     hub = "/" in s["model"] and not s["model"].startswith(("/", ".", "~")) and not s["model"].endswith(".gguf")
-    tags = list(dict.fromkeys(["quantized", s["format"], s["algorithm"], f"{s['bits']}-bit", "quantfarm"]
-                              if s["format"] != "gguf" else
-                              ["quantized", "gguf", s["gguf_type"], "llama.cpp", *(["imatrix"] if s["imatrix"] != "none"
-                                                                                   else []), "quantfarm"]))
+    library, tags = formats.get(s["format"]).card_tags(s) or (
+        "transformers", ["quantized", s["format"], s["algorithm"], f"{s['bits']}-bit", "quantfarm"])
+    tags = list(dict.fromkeys(tags))
     extra = {"quantized_by": "quantfarm"}
     merged = report.get("merge")
     if merged:                          # the merge's Hub sources are its base models
@@ -56,7 +57,7 @@ def front_matter(report: dict, name: str) -> str:
     elif hub:
         extra.update(base_model=s["model"], base_model_relation="quantized", base_model_revision=report.get("revision"))
     results = eval_results(report)
-    data = ModelCardData(license=src.get("license"), language=src.get("language"), library_name="gguf" if s["format"] == "gguf" else "transformers",
+    data = ModelCardData(license=src.get("license"), language=src.get("language"), library_name=library,
                          pipeline_tag="text-generation", tags=tags, model_name=name if results else None,
                          eval_results=results or None, **extra)
     return f"---\n{data.to_yaml()}\n---"

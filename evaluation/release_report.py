@@ -7,7 +7,7 @@ from pathlib import Path
 
 from core.paths import write_atomic
 
-from . import report
+from . import plots, report
 from .escape import md, md_code, no_html
 
 
@@ -118,7 +118,7 @@ def plot(s: dict) -> str | None:
             ax.annotate(r["variant"], (xof(r), 100 * r["recovery"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("recovery (%)")
-    png = report._png(fig)
+    png = plots.png_base64(fig)
     plt.close(fig)
     return png
 

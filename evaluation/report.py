@@ -3,13 +3,14 @@
 (the same tables plus matplotlib plots, embedded so the one file opens in any browser)."""
 import base64
 import html
-import io
 import json
 from pathlib import Path
 
 from quantizers import artifact, formats
+from quantizers.algorithms import ALGORITHMS
 from quantizers.scheme import Scheme
-from . import model_index, serving
+
+from . import model_index, plots, serving
 from .escape import md, md_code
 from .suite import Evaluation
 
@@ -26,10 +27,16 @@ def num(x, name="") -> str:
 
 def label(report: dict) -> str:
     s = report["spec"]
-    if s["format"] == "gguf":
-        return f"GGUF {s['gguf_type']} (llama.cpp, imatrix {s['imatrix']})"
-    sym = "" if s["algorithm"] == "awq" else (" sym" if s.get("sym") in (None, True) else " asym")
-    return f"{formats.get(s['format']).title} w{s['bits']} g{s['group_size']}{sym} ({s['algorithm']})"
+    fmt = formats.get(s["format"])
+    own = fmt.spec_line(s)
+    if own:
+        return own
+    alg = ALGORITHMS.get(s["algorithm"])
+    sym = s.get("sym")
+    if sym is None and alg is not None:
+        sym = alg.SYM_DEFAULT
+    sym = "" if alg is not None and alg.SYM_FIXED else (" sym" if sym in (None, True) else " asym")
+    return f"{fmt.title} w{s['bits']} g{s['group_size']}{sym} ({s['algorithm']})"
 
 
 def source_name(report: dict) -> str:
@@ -116,8 +123,9 @@ def settings_line(report: dict) -> str:
     st = report.get("settings") or {}
     if not st:
         return label(report)
-    if st["format"] == "gguf":
-        return gguf_settings_line(st)
+    own = formats.get(st["format"]).card_line(st)
+    if own:
+        return own
     parts = [f"{st['format']} {st['bits']}-bit, group size {st['group_size']}, {'symmetric' if st['sym'] else 'zero points'}",
              f"algorithm {st['algorithm']}"]
     if st.get("act_order") not in (None, "none"):
@@ -136,10 +144,10 @@ def size_line(report: dict) -> str:
     bpw = report.get("bits_per_weight") or {}
     out = f"{before / mb:.1f} MiB at 16 bits -> {after / mb:.1f} MiB ({before / max(after, 1):.2f}x smaller)"
     if bpw:
-        gguf = (report.get("settings") or {}).get("format") == "gguf"
-        out += (f"; {bpw['quantized_linears']:.2f} bits per weight in the "
-                f"{'decoder weight matrices' if gguf else 'quantized Linears (codes, scales, zeros)'}, "
-                f"{bpw['overall']:.2f} overall ({'everything in the file' if gguf else 'embeddings, head and norms stay 16-bit'})")
+        fmt = formats.FORMATS.get((report.get("settings") or {}).get("format"))
+        part, overall = (fmt or formats.get("gptq")).size_words()
+        out += (f"; {bpw['quantized_linears']:.2f} bits per weight in the {part}, "
+                f"{bpw['overall']:.2f} overall ({overall})")
     return out
 
 
@@ -152,8 +160,9 @@ def runtime_lines(report: dict) -> list[str]:
 def usage(report: dict, folder_name: str) -> list[str]:
     """Markdown: how to load this artifact in the runtimes that take it, as code a test runs."""
     st = report.get("settings") or {}
-    if st.get("format") == "gguf":
-        return gguf_usage(st, folder_name)
+    own = formats.get(st["format"]).card_usage(st, folder_name) if st.get("format") else None
+    if own is not None:
+        return own
     runtimes = {v["runtime"]: v for v in (report.get("preflight") or {}).get("runtimes", [])}
     out = []
     tf = runtimes.get("transformers")
@@ -175,34 +184,6 @@ def usage(report: dict, folder_name: str) -> list[str]:
     elif vl:
         out += [f"vLLM does not load it: {'; '.join(vl['notes'])}.", ""]
     return out
-
-
-def gguf_settings_line(st: dict) -> str:
-    im = {"quantfarm": "quantfarm's, from the calibration forward", "llama": "llama.cpp's llama-imatrix",
-          "none": "none"}[st["imatrix"]]
-    parts = [f"GGUF {st['gguf_type']} by llama-quantize ({st['llama_cpp']}), importance matrix {im}"]
-    c = st.get("calibration")
-    if c:
-        parts.append(f"calibration {c['samples']} x {c['seq_len']} tokens of {c['source']} (seed {c['seed']}, "
-                     f"hash {c['hash'][:12]})")
-    if st.get("fallbacks"):
-        parts.append("per-tensor fallbacks (widths the type's blocks do not divide): "
-                     + ", ".join(f"{k} {n}x" for k, n in st["fallbacks"].items()))
-    return "; ".join(parts)
-
-
-def gguf_usage(st: dict, folder_name: str) -> list[str]:
-    first = st["files"][0]
-    return ["llama.cpp (and the runtimes built on it: Ollama, LM Studio):", "", "```sh",
-            f"llama-completion -m {folder_name}/{first} -p \"The capital of France is\" -n 16 -no-cnv", "```", "",
-            *(["transformers (with gguf installed; it dequantizes the weights to 16 bits):", "", "```python",
-               "from transformers import AutoModelForCausalLM, AutoTokenizer",
-               f"model_dir = \"{folder_name}\"  # this folder, or its Hub id once published",
-               "tokenizer = AutoTokenizer.from_pretrained(model_dir)",
-               f"model = AutoModelForCausalLM.from_pretrained(model_dir, gguf_file=\"{first}\")",
-               "inputs = tokenizer(\"The capital of France is\", return_tensors=\"pt\")",
-               "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=16)[0]))", "```", ""]
-              if len(st["files"]) == 1 else [])]
 
 
 def llama_cpp_rows(part: dict) -> list[list[str]]:
@@ -298,101 +279,6 @@ def model_card(report: dict, folder_name: str = "path/to/this/folder") -> str:
     return "\n".join(lines)
 
 
-def error_series(layers: list[dict]) -> dict[str, list[tuple[int, float]]]:
-    """One line per kind of Linear for the per-layer error plot: experts' Linears averaged over the
-    experts of a layer, and kinds quantized as one group (q/k/v, gate/up: the same error) drawn as one
-    line named after all of them, so no line hides another."""
-    sums: dict[str, dict[int, list[float]]] = {}
-    for r in layers:
-        for m, v in r["modules"].items():
-            if v.get("rel_error") is not None:
-                leaf = m.rsplit(".", 1)[-1]
-                kind = f"experts.{leaf}" if ".experts." in m else leaf
-                sums.setdefault(kind, {}).setdefault(r["index"], []).append(v["rel_error"])
-    series = {k: [(i, sum(e) / len(e)) for i, e in sorted(by.items())] for k, by in sorted(sums.items())}
-    merged: dict[tuple, list[str]] = {}
-    for k, pts in series.items():
-        merged.setdefault(tuple(pts), []).append(k)
-    return {"/".join(names): list(pts) for pts, names in merged.items()}
-
-
-def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def serving_plot(report: dict) -> str | None:
-    """Tokens/s of the fp16 model and the artifact in vLLM (base64 PNG), when serving was measured."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sv = report.get("serving") or {}
-    if not sv.get("speedup"):
-        return None
-    b = str(sv["settings"]["batch"])
-    keys = [("prefill_tok_s", "1"), ("prefill_tok_s", b), ("decode_tok_s", "1"), ("decode_tok_s", b)]
-    fig, ax = plt.subplots(figsize=(7, 3.2))
-    x = range(len(keys))
-    for off, who in ((-0.2, "fp16"), (0.2, "quantized")):
-        ax.bar([i + off for i in x], [sv["models"][who][k][n] for k, n in keys], 0.4, label=who)
-    ax.set_xticks(list(x), [f"{k.split('_')[0]}, batch {n}" for k, n in keys])
-    ax.set_yscale("log")
-    ax.set_ylabel("tokens/s")
-    ax.legend()
-    png = _png(fig)
-    plt.close(fig)
-    return png
-
-
-def plots(report: dict) -> list[tuple[str, str]]:
-    """(title, base64 PNG) for the task bars, per-layer quantization error and the KLD histogram."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ev, out = report["evaluation"], []
-    tasks = [r for r in ev["rows"] if r["name"] != "perplexity"]
-    if tasks:
-        fig, ax = plt.subplots(figsize=(max(4, 1.3 * len(tasks)), 3.2))
-        x = range(len(tasks))
-        ax.bar([i - 0.2 for i in x], [100 * r["fp16"] for r in tasks], 0.4, label="fp16")
-        ax.bar([i + 0.2 for i in x], [100 * r["quantized"] for r in tasks], 0.4, label="quantized")
-        ax.set_xticks(list(x), [r["name"] for r in tasks], rotation=20)
-        ax.set_ylabel("score (%)")
-        ax.legend()
-        out.append(("Per-task score, fp16 vs quantized", _png(fig)))
-        plt.close(fig)
-    layers = report.get("layers") or []
-    if layers and layers[0].get("modules"):
-        fig, ax = plt.subplots(figsize=(7, 3.2))
-        for name, pts in error_series(layers).items():
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=name)
-        ax.set_xlabel("decoder layer")
-        ax.set_ylabel("relative output error")
-        ax.set_yscale("log")
-        ax.legend(fontsize=7, ncol=2)
-        out.append(("Per-layer quantization error (relative error of each Linear's output on calibration data)",
-                    _png(fig)))
-        plt.close(fig)
-    png = serving_plot(report)
-    if png:
-        sv = report["serving"]
-        out.append((f"vLLM serving speed ({'CPU' if sv['cpu'] else 'GPU'}: {sv['device']})", png))
-    if ev.get("kld"):
-        h = ev["kld"]["histogram"]
-        fig, ax = plt.subplots(figsize=(7, 3.2))
-        edges = h["edges"]
-        ax.bar(edges[:-1], h["counts"], width=[b - a for a, b in zip(edges[:-1], edges[1:])], align="edge")
-        ax.set_xscale("log")
-        ax.set_xlabel("per-token KL(fp16 || quantized), nats (clipped to the axis)")
-        ax.set_ylabel("tokens")
-        out.append(("Per-token KL divergence", _png(fig)))
-        plt.close(fig)
-    return out
-
-
 def html_table(rows: list[list[str]], header: bool = True) -> str:
     head = "<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in rows[0]) + "</tr>" if header else ""
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows[header:])
@@ -423,7 +309,7 @@ def html_page(report: dict) -> str:
                   html_table(serving.rows(sv)), f"<pre>{html.escape(sv['serve_command'])}</pre>"]
     elif sv:
         parts += ["<h2>vLLM inference performance</h2>", f"<p>Not measured: {html.escape(sv['error'])}</p>"]
-    for title, png in plots(report):
+    for title, png in plots.plots(report):
         parts += [f"<h2>{html.escape(title)}</h2>", f'<img alt="{html.escape(title)}" src="data:image/png;base64,{png}">']
     parts += ["<h2>Settings used</h2>", f"<pre>{html.escape(json.dumps(report.get('settings') or report['spec'], indent=1))}</pre>"]
     style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}"
@@ -438,7 +324,7 @@ def write(folder, report: dict) -> None:
     """report.json always; README.md and report.html when the report has an evaluation; serving.png (the
     card's speed plot) when serving was measured."""
     artifact.add_file(folder, "report.json", json.dumps(report, indent=2) + "\n")
-    png = serving_plot(report)
+    png = plots.serving_plot(report)
     if png:
         artifact.add_file(folder, "serving.png", base64.b64decode(png))
     if report.get("evaluation") and report["evaluation"].get("rows"):

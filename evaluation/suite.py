@@ -7,7 +7,6 @@ version), so a second format of the same model, or a suite sharing parts with an
 """
 import hashlib
 import json
-import os
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -18,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 from safetensors.torch import load_file, save_file
 
 from core.errors import EvaluationError
+from core.paths import atomic_file, write_atomic
 from core.version import quantfarm_version
 
 from . import leaderboard, text_metrics
@@ -107,12 +107,9 @@ class BaselineCache:
             return
         self.root.mkdir(parents=True, exist_ok=True)
         if hidden is not None:
-            tmp = self.root / f".{key}.{os.getpid()}.safetensors"
-            save_file({"hidden": hidden.contiguous()}, tmp)
-            os.replace(tmp, self.root / f"{key}.hidden.safetensors")
-        tmp = self.root / f".{key}.{os.getpid()}.json"
-        tmp.write_text(json.dumps(entry, indent=1))
-        os.replace(tmp, self.root / f"{key}.json")
+            with atomic_file(self.root / f"{key}.hidden.safetensors") as tmp:
+                save_file({"hidden": hidden.contiguous()}, tmp)
+        write_atomic(self.root / f"{key}.json", json.dumps(entry, indent=1))
 
 
 class EvaluationPlan:

@@ -1,5 +1,7 @@
-"""The table of algorithms. Each is a module with its layer step beside its math: NEEDS_DATA (whether
-it calibrates), problems(scheme, shapes) (settings it cannot run with) and quantize_layer (one decoder
+"""The table of algorithms. Each is a module with its layer step beside its math, declaring what JobSpec
+and preflight ask of it: NEEDS_DATA (whether it calibrates), SYM_DEFAULT / SYM_FIXED (its grid's symmetry
+when unset, and whether that is the only one it runs), ACT_ORDER_DEFAULT, KNOBS (its own settings, as
+JobSpec fields), problems(scheme, shapes) (settings it cannot run with) and quantize_layer (one decoder
 layer in place). Adding an algorithm = its math module, its layer step, one line here."""
 from core.errors import SpecError
 

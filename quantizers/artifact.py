@@ -7,9 +7,6 @@ renamed into place, so a reader never sees half an artifact.
 """
 import dataclasses
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 
 import torch
@@ -18,7 +15,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from core.errors import ArtifactError
-from core.paths import write_atomic
+from core.paths import atomic_folder, write_atomic
 
 from . import formats, moe
 from .config import QuantConfig
@@ -103,14 +100,12 @@ def write_artifact(out_dir, model, tokenizer, quantized: dict[str, QuantizedWeig
                    quant_config: dict, side_files: dict[str, dict] | None = None,
                    extra_files: dict[str, str | bytes] | None = None, overwrite: bool = False,
                    max_shard_bytes: int = SHARD_BYTES) -> Path:
-    """Write the checkpoint atomically: a temporary sibling folder renamed into place."""
+    """Write the checkpoint atomically: a temporary sibling folder renamed into place (an existing one,
+    with `overwrite`, swapped out whole)."""
     out = Path(out_dir).resolve()
     if out.exists() and not overwrite:
         raise ArtifactError(f"{out} already exists; choose another --out or remove it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_folder(out, replace=True) as tmp:
         save_sharded(model_tensors(model, quantized, fmt), tmp, max_shard_bytes)
         config = model.config.to_dict()
         config.pop("_name_or_path", None)            # a path on the machine that made it, meaningless elsewhere
@@ -131,16 +126,6 @@ def write_artifact(out_dir, model, tokenizer, quantized: dict[str, QuantizedWeig
         mode = (tmp / "config.json").stat().st_mode & 0o777        # what the umask gives a new file
         for f in tmp.glob("*.safetensors"):                          # safetensors writes these owner-only
             f.chmod(mode)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -5,10 +5,10 @@ Per group of Linears sharing one input X (and the op before them that produced X
 1. scale search: s = mean|X|^r (optionally divided by the weights' own normalised magnitude,
    "duo" scaling, ^(1-r)), for r on a grid; each candidate is scored by the caller's block loss on
    Q(W * s) / s, the block being whatever the scale affects (attention, MLP or a single Linear);
-   the best s is folded into the previous op by the driver (X / s there, W * s here);
+   the best s is folded into the previous op by awq_layer.py (X / s there, W * s here);
 2. clipping search per output channel and group: shrink the group's range while the group's
    output error e^T H_g e (H = X^T X) falls;
-3. zero-point group quantization on the group's own min and max (FORMATS.md §2).
+3. zero-point group quantization on the group's own min and max (../shared/FORMATS.md §2).
 
 awq_layer.py knows which modules form the blocks; nothing here knows about models.
 """

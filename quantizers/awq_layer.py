@@ -5,8 +5,10 @@ quantization. awq.py holds the math, this file the model plumbing."""
 import copy
 import functools
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from . import awq, gptq, moe
@@ -15,11 +17,27 @@ from .layers import StepOptions, input_groups, is_kept, layer_linears, one_sampl
 from .scheme import ActOrder, Scheme
 
 NEEDS_DATA = True
+SYM_DEFAULT, SYM_FIXED = False, True        # zero points only
+ACT_ORDER_DEFAULT = ActOrder.NONE
+# The knobs a job may set (JobSpec fields, QuantConfig fields of the same names); left out of a recipe at
+# their defaults, so the recipe keys of jobs made before they could be set stay valid.
+KNOBS = {
+    "awq_grid": (int, Field(20, ge=2, le=200, description="awq: scale-search candidates per group of Linears")),
+    "awq_duo": (Literal["duo", "both", "plain"], Field("duo", description="awq: the candidates: duo (identity and "
+                "duo-scaled ratios), both (half each) or plain (AutoAWQ's ratios)")),
+    "awq_clip": (bool, Field(True, description="awq: search a clipping range per group before quantizing")),
+    "search_dtype": (Literal["auto", "float32", "bfloat16"], Field("auto", description="awq: the dtype of the "
+                     "scale search's block forwards (auto: bfloat16 where it is fast, else float32)")),
+    "awq_search_tokens": (int, Field(8192, ge=0, le=10_000_000, description="awq: candidates are scored on the "
+                          "first batches up to this many tokens (0: all); statistics use every token")),
+}
 
 
 def problems(q: Scheme, shapes) -> list[str]:
     """Settings AWQ cannot run with, whatever the format."""
     out = []
+    if q.sym:
+        out.append("sym: AWQ quantizes with zero points; leave sym unset (or false) with algorithm awq")
     if q.act_order != ActOrder.NONE:
         out.append("act-order applies to GPTQ only")
     if q.ragged_widths(shapes):

@@ -10,9 +10,12 @@ from . import gptq, moe
 from .config import QuantConfig
 from .layers import StepOptions, StopForward, input_groups, is_kept, layer_linears, run_layer, split_rows
 from .replay import Replay
-from .scheme import Scheme
+from .scheme import ActOrder, Scheme
 
 NEEDS_DATA = True
+SYM_DEFAULT, SYM_FIXED = True, False
+ACT_ORDER_DEFAULT = ActOrder.STATIC
+KNOBS: dict = {}
 
 
 def problems(q: Scheme, shapes) -> list[str]:

@@ -1,6 +1,6 @@
 """The integer grid every algorithm quantizes onto, and the result type they all return.
 
-Conventions are those of FORMATS.md §1 (the GPTQ reference quantizer): maxq = 2**bits - 1,
+Conventions are those of ../shared/FORMATS.md §1 (the GPTQ reference quantizer): maxq = 2**bits - 1,
 scale = (xmax - xmin) / maxq with xmin <= 0 <= xmax; sym puts the zero at (maxq + 1) / 2;
 asym rounds it to round(-xmin / scale). Scales are rounded to the checkpoint's scale dtype
 (float16; compressed-tensors: the model's) *before* the codes are chosen, so the artifact holds

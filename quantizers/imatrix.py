@@ -8,12 +8,16 @@ the tokens routed to it), and write them in llama.cpp's GGUF imatrix layout (too
 weight), with `general.type = imatrix` and the dataset, chunk count and chunk size keys."""
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from .formats.gguf import expert_index
+from core.paths import atomic_file
+
+from . import llama_cpp
+from .formats.gguf import expert_index, name_map
 
 
 @dataclass
@@ -106,4 +110,32 @@ def read(path) -> dict[str, np.ndarray]:
             base = name[:-len(".in_sum2")]
             counts = t[base + ".counts"].reshape(-1, 1)
             out[base] = sums.reshape(counts.shape[0], -1) / np.maximum(counts, 1)
+    return out
+
+
+def make_file(kind: str, model, calib, f16: Path, tokenizer, t: llama_cpp.Tools, dev, out: Path) -> Path:
+    """The importance matrix file `out`: ours from the calibration forward, or llama-imatrix's on the same
+    text (the calibration rows decoded). Kept when it exists: name it by what it depends on."""
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    n, seq = calib.tokens.shape
+    with atomic_file(out) as tmp:
+        if kind == "quantfarm":
+            import gguf
+            r = gguf.GGUFReader(str(f16))
+            arch = str(r.fields["general.architecture"].contents())
+            blocks = int(r.fields[f"{arch}.block_count"].contents())
+            stats = collect(model, calib.tokens, dev)
+            table = entries(stats, name_map(arch, blocks))
+            have = {x.name for x in r.tensors}
+            table = {k: v for k, v in table.items() if k in have}      # a tied head is token_embd: not a matmul weight here
+            write(tmp, table, calib.source, n, seq)
+        else:
+            text = tmp.with_suffix(".txt")
+            text.write_text("\n\n".join(tokenizer.decode(row, skip_special_tokens=True) for row in calib.tokens))
+            try:
+                llama_cpp.imatrix(t, f16, text, tmp, ctx=seq, chunks=n)
+            finally:
+                text.unlink(missing_ok=True)
     return out

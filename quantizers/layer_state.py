@@ -7,14 +7,13 @@ entering layer i + 1, and manifest.json how many layers are done and for which r
 is written to a temporary name and renamed; the manifest goes last.
 """
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from core.paths import write_atomic
+from core.paths import atomic_file, write_atomic
 
 from .grid import QuantizedWeight
 
@@ -65,9 +64,8 @@ class LayerState:
         return [t[f"b{i}"].to(device) for i in range(len(t))]
 
     def _save(self, name, tensors, metadata):
-        tmp = self.folder / f".{name}.tmp"
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, self.folder / name)
+        with atomic_file(self.folder / name) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
 
     def _write(self, name, data: bytes):
         write_atomic(self.folder / name, data)

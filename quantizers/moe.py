@@ -4,10 +4,10 @@ transformers 5 holds a layer's experts fused in 3-D parameters (gate_up_proj [E,
 [E, H, I], `use_experts_implementation`), which no Linear hook sees. Checkpoints (and vLLM's and
 transformers' MoE loaders) store them one Linear per expert: `mlp.experts.{e}.gate_proj` for Qwen-style
 models, `block_sparse_moe.experts.{e}.w1` for Mixtral-style ones. `unfuse_experts` swaps each fused
-experts module for `UnfusedExperts`, the same computation made of per-expert nn.Linears, so the driver
-quantizes experts like any Linear, each from the tokens routed to it; `checkpoint_renamer` maps the
-per-expert names to the ones the model family's checkpoints use, from transformers' own conversion
-mapping for that family.
+experts module for `UnfusedExperts`, the same computation made of per-expert nn.Linears, so the layer
+walk (walk.py) quantizes experts like any Linear, each from the tokens routed to it; `checkpoint_renamer`
+maps the per-expert names to the ones the model family's checkpoints use, from transformers' own
+conversion mapping for that family.
 """
 import re
 from functools import partial

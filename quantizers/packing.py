@@ -1,6 +1,6 @@
 """Packing small integers into int32 words, LSB first, along dim 0.
 
-Every layout in FORMATS.md is this one bitstream: value j of a run sits at bits [b*j, b*(j+1))
+Every layout in ../shared/FORMATS.md is this one bitstream: value j of a run sits at bits [b*j, b*(j+1))
 of the concatenated little-endian words. For 2/4/8 bits a word holds 32/b whole values; 3-bit
 values spill across word boundaries (AutoGPTQ's pack() is the same stream written by hand), so
 32 values fill exactly 3 words.

@@ -4,13 +4,17 @@ import torch
 from . import rtn
 from .config import QuantConfig
 from .layers import StepOptions, is_kept, layer_linears, split_rows
-from .scheme import Scheme
+from .scheme import ActOrder, Scheme
 
 NEEDS_DATA = False
+SYM_DEFAULT, SYM_FIXED = True, False
+ACT_ORDER_DEFAULT = ActOrder.NONE
+KNOBS: dict = {}
 
 
 def problems(q: Scheme, shapes) -> list[str]:
-    return []
+    """Each weight rounds on its own: there is no column order to choose."""
+    return ["act-order applies to GPTQ only"] if q.act_order != ActOrder.NONE else []
 
 
 @torch.no_grad()

@@ -99,8 +99,9 @@ def smol():
 
     from calibration import build_calibration, eval_tokens
     from evaluation.text_metrics import perplexity
-    from service.job.pipeline import round_to_storage
-    from service.job.models import load_model, resolve_model
+    from service.job.steps import round_to_storage
+    from service.job.loading import load_model
+    from service.job.models import resolve_model
 
     require_shared_data("c4/c4_en_train_first1000.jsonl")
     require_shared_data("wikitext2/wiki.valid.tokens")

@@ -18,11 +18,23 @@ def quantfarm(*args, timeout=120):
     (["--damp", "2"], "damp_percent"),
     (["--samples", "0"], "calibration.samples"),
     (["--algorithm", "awq", "--sym"], "sym: AWQ quantizes with zero points"),
+    (["--set", "awq_grid=40"], "awq_grid: only for algorithm awq"),
+    (["--algorithm", "awq", "--format", "awq", "--set", "awq_grid=1"], "awq_grid"),
+    (["--set", "damp_percent=0.1"], "one of the algorithms' knobs (awq_grid"),
 ])
 def test_invalid_settings_exit_2_with_the_field(tmp_path, args, message):
     r = quantfarm("quantize", "smollm2-135m", *args, "--out", str(tmp_path / "x"))
     assert r.returncode == 2 and message in r.stderr, r.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_set_gives_the_algorithm_its_knobs():
+    """--set reaches the algorithm's own settings, as the API's JobSpec fields do."""
+    from service.cli.args import knobs_from_args
+    from service.job.spec import JobSpec
+    spec = JobSpec(model="m", algorithm="awq", format="awq", **knobs_from_args(["awq_grid=40", " awq_clip = false"]))
+    cfg = spec.quant_config()
+    assert (cfg.awq_grid, cfg.awq_clip, cfg.awq_duo) == (40, False, "duo")
 
 
 def test_unsupported_bits_are_refused_by_the_parser(tmp_path):

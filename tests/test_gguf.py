@@ -136,12 +136,12 @@ def smol_f16(tools, smol, tmp_path_factory):
     """SmolLM2's F16 GGUF (llama.cpp's converter), quantfarm's importance matrix for it, held-out text."""
     from types import SimpleNamespace
 
-    from service.job import gguf_job
-    from service.job.models import fp16_folder, resolve_model
+    from service.job.loading import fp16_folder
+    from service.job.models import resolve_model
     d = tmp_path_factory.mktemp("smol-gguf")
     f16 = d / "f16.gguf"
     llama_cpp.convert(tools, fp16_folder(resolve_model("smollm2-135m")), f16, "SmolLM2-135M")
-    mat = gguf_job.make_imatrix("quantfarm", smol.model, smol.calib, f16, smol.tok, tools, "cpu", d / "imatrix.gguf")
+    mat = imx.make_file("quantfarm", smol.model, smol.calib, f16, smol.tok, tools, "cpu", d / "imatrix.gguf")
     text = d / "eval.txt"
     text.write_text(smol.tok.decode(smol.ev[:40 * 1024], skip_special_tokens=True))
     base = llama_cpp.perplexity(tools, f16, text, 512, CHUNKS, save_base=d / "base.bin")
@@ -214,7 +214,7 @@ def test_quantfarm_imatrix_beats_none_and_matches_llama_imatrix(tools, smol, smo
     16 chunks: accumulating our sums in float64 instead of float32 moved Q2_K from 17.941 to 17.904, llama's
     17.925): "no worse" allows 0.5%, about a quarter of the gap to no matrix at Q4_K_M (8 chunks, 8 x 512
     calibration: quantfarm 15.886, llama 15.938, none 16.189)."""
-    from service.job.gguf_job import make_imatrix
+    from quantizers.imatrix import make_file as make_imatrix
     theirs = make_imatrix("llama", smol.model, smol.calib, smol_f16.f16, smol.tok, tools, "cpu",
                           smol_f16.dir / "imatrix-llama.gguf")
     assert set(imx.read(theirs)) >= set(imx.read(smol_f16.imatrix)) - {"output.weight"}
@@ -265,7 +265,7 @@ def test_tiny_families_convert_and_take_our_imatrix(tools, sp_tokenizer, tmp_pat
 
     from transformers import AutoModelForCausalLM
 
-    from service.job.gguf_job import make_imatrix
+    from quantizers.imatrix import make_file as make_imatrix
     cfg = tiny.tiny_moe_config(arch) if arch in tiny.MOE_ARCHS else tiny.tiny_config(arch)
     cfg.vocab_size, cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = 1000, 1, 2, None
     torch.manual_seed(0)

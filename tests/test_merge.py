@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from core.errors import ModelSourceError
 from service.cli.main import main
 from service.job import merge, pipeline
+from service.job.sources import Access
 from service.job.spec import JobSpec
 from tiny import save_tiny
 
@@ -250,7 +251,7 @@ def test_bad_recipes_fail_before_any_work(tmp_path, sources, cache, capsys):
     assert not (tmp_path / "art").exists() and not (tmp_path / "m").exists() and not cache.exists()
     # sources resolve like any model: outside the allowed folders, or pickle weights, refused by name
     with pytest.raises(ModelSourceError, match=f"merge source {sources['b']}.*not under a folder"):
-        merge.pin(good, local_roots=[sources["a"]])
+        merge.pin(good, Access(local_roots=(sources["a"],)))
     capsys.readouterr()
     assert main(["quantize", str(path), "--revision", "x", "--out", str(tmp_path / "art")]) == 2
     assert "pins its own sources" in capsys.readouterr().err

@@ -15,6 +15,7 @@ from calibration import sources
 from core.errors import CalibrationError, EvaluationError, ModelSourceError, StorageError
 from service.farm.policy import Policy, check_paths, check_text_source
 from service.farm.store import Store
+from service.job.sources import Access
 from service.job.spec import JobSpec
 from test_service import SMALL, Server
 from test_sources import SHA, FakeHub
@@ -223,16 +224,17 @@ def test_weights_need_room_and_stop_on_cancel(online, roots, tmp_path):
     """fetch_weights: the Hub's listed sizes checked against the cache's disk before the first byte; a
     cancel stops the file, and the next fetch completes it."""
     from quantizers.walk import Cancelled
-    from service.job.models import fetch_weights, resolve_model
+    from service.job.hub_weights import fetch_weights
+    from service.job.models import resolve_model
     hub = online
     hub.add("org/huge", roots["models"] / "a", sizes={"model.safetensors": 10 ** 16})
-    src = resolve_model("org/huge", cache_dir=str(tmp_path), weights=False)
+    src = resolve_model("org/huge", weights=False, access=Access(cache_dir=str(tmp_path)))
     assert src.revision == SHA and src.pending.nbytes == 10 ** 16 and (Path(src.path) / "config.json").is_file()
     with pytest.raises(StorageError, match="not enough space"):
         fetch_weights(src)
     assert not hub.requested("/model.safetensors")
     hub.add("org/small", roots["models"] / "a")
-    src = resolve_model("org/small", cache_dir=str(tmp_path), weights=False)
+    src = resolve_model("org/small", weights=False, access=Access(cache_dir=str(tmp_path)))
     with pytest.raises(Cancelled):
         fetch_weights(src, should_stop=lambda: True)
     assert not (Path(src.path) / "model.safetensors").exists()
@@ -240,3 +242,37 @@ def test_weights_need_room_and_stop_on_cancel(online, roots, tmp_path):
     done = fetch_weights(src, on_step=steps.append)
     assert done.pending is None and (Path(done.path) / "model.safetensors").is_file() and done == src
     assert steps[0].startswith("download model.safetensors (1/1") and steps[-1].endswith("100%")
+
+
+def test_preflight_refuses_a_7b_from_its_config_alone(online, roots, tmp_path, monkeypatch):
+    """Issue 37: a Llama-2-7B-sized Hub model (config, tokenizer and shard index; the shards listed at 13.5 GB)
+    asked for as AWQ at 8 bits is refused from its config within 2 s, before any weight is requested and
+    before any fp16 baseline or calibration, the same `pipeline.run` a worker and the CLI call."""
+    from huggingface_hub import constants
+
+    from core.errors import SpecError
+    from service.job import pipeline
+    hub = online
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    folder = tmp_path / "llama-7b"
+    shutil.copytree(roots["models"] / "a", folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, head_dim=128)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    (folder / "model.safetensors").unlink()
+    shards = [f"model-0000{i}-of-00002.safetensors" for i in (1, 2)]
+    for s in shards:
+        (folder / s).write_bytes(b"\0")
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": 13_476_839_424}, "weight_map": {"lm_head.weight": shards[1]}}))
+    hub.add("org/llama-7b", folder, sizes={shards[0]: 9_976_576_152, shards[1]: 3_500_296_424})
+    before = len(hub.log)
+    t0 = time.perf_counter()
+    with pytest.raises(SpecError, match="cannot write awq results as awq 8-bit"):
+        pipeline.run(JobSpec(model="org/llama-7b", algorithm="awq", format="awq", bits=8),
+                     tmp_path / "out", device="cpu", cache_dir=None)
+    seconds = time.perf_counter() - t0
+    assert not [p for _, p in hub.log[before:] if p.endswith(".safetensors")], hub.log[before:]
+    assert not (tmp_path / "out").exists()
+    assert seconds < 2, seconds

@@ -8,6 +8,7 @@ import os
 import socket
 import threading
 import time
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -16,11 +17,16 @@ import pytest
 from fsspec.implementations.local import LocalFileSystem
 
 from core.errors import ArtifactError, PublishError, SpecError
-from service.job.publish import MANIFEST, HubSettings, Target, hub_repo_id, is_published, parse_target, publish
+from service.job.publish import MANIFEST, Destination, HubSettings, hub_repo_id, is_published, parse_target, publish
 
 
 REV = "0123456789abcdef0123456789abcdef01234567"      # the source's pinned revision (a Hub commit)
 SMOL = "HuggingFaceTB/SmolLM2 135M"
+
+
+def at(target: str, **credentials):
+    """A trusted publish target with the server's credentials for it (hub=HubSettings, options=storage options)."""
+    return replace(parse_target(target, allow_urls=True), **credentials)
 
 
 def make_artifact(root, name="art", weights=b"\x01\x02" * 3000, model=SMOL, revision=REV, recipe="abc123"):
@@ -369,8 +375,7 @@ def test_publish_to_s3(tmp_path, s3, monkeypatch):
     fs, opts = s3
     art = make_artifact(tmp_path)
     log = recording(monkeypatch, "s3://models/quantized", opts)
-    rec = publish(art, parse_target("s3://models/quantized", allow_urls=True), name="tiny-awq",
-                  storage_options=opts)
+    rec = publish(art, at("s3://models/quantized", options=opts), name="tiny-awq")
     key = "models/quantized/SmolLM2-135M-0123456789ab/tiny-awq"
     assert rec["url"] == f"s3://{key}" and rec["status"] == "published"
     assert log[-1] == ("pipe_file", MANIFEST) and len(log) == 7      # six files, then the manifest last
@@ -384,13 +389,13 @@ def test_publish_to_s3(tmp_path, s3, monkeypatch):
     assert is_published("s3://models/quantized/other", storage_options=opts) is None
 
     log.clear()                                            # the same files again: nothing is written
-    assert publish(art, "s3://models/quantized", name="tiny-awq", storage_options=opts)["status"] == "unchanged"
+    assert publish(art, at("s3://models/quantized", options=opts), name="tiny-awq")["status"] == "unchanged"
     assert log == []
     other = make_artifact(tmp_path, "other", weights=b"\x07" * 100, recipe="another-recipe")
     with pytest.raises(PublishError, match="holds another artifact.*--replace"):
-        publish(other, "s3://models/quantized", name="tiny-awq", storage_options=opts)
+        publish(other, at("s3://models/quantized", options=opts), name="tiny-awq")
     assert log == [] and is_published(rec["url"], storage_options=opts) == manifest
-    rec = publish(other, "s3://models/quantized", name="tiny-awq", storage_options=opts, replace=True)
+    rec = publish(other, at("s3://models/quantized", options=opts), name="tiny-awq", replace=True)
     # the old manifest goes before the first file, the new one comes after the last
     assert rec["status"] == "replaced" and log[0] == ("rm_file", MANIFEST) and log[-1] == ("pipe_file", MANIFEST)
     fs.invalidate_cache()
@@ -415,13 +420,13 @@ def test_s3_folder_without_its_manifest_is_not_published_and_retry_completes(tmp
 
     monkeypatch.setattr(pub_fs, "put_file", failing_put)
     with pytest.raises(PublishError, match="after 2 of 6 files.*no manifest there.*intact"):
-        publish(art, target, name="v", storage_options=opts)
+        publish(art, at(target, options=opts), name="v")
     key = "models/cut/SmolLM2-135M-0123456789ab/v"
     fs.invalidate_cache()
     assert len(fs.find(key)) == 2 and not fs.exists(f"{key}/{MANIFEST}")
     assert is_published(f"s3://{key}", storage_options=opts) is None
     monkeypatch.setattr(pub_fs, "put_file", real_put)
-    rec = publish(art, target, name="v", storage_options=opts)
+    rec = publish(art, at(target, options=opts), name="v")
     assert rec["status"] == "published" and is_published(rec["url"], storage_options=opts)
     fs.invalidate_cache()
     fs.rm_file(f"{key}/{MANIFEST}")                        # complete files, manifest gone: not published
@@ -434,7 +439,7 @@ def test_s3_missing_bucket_is_a_publish_error(tmp_path, s3):
     _, opts = s3
     art = make_artifact(tmp_path)
     with pytest.raises(PublishError, match="no-such-bucket.*intact"):
-        publish(art, "s3://no-such-bucket/x", name="v", storage_options=opts)
+        publish(art, at("s3://no-such-bucket/x", options=opts), name="v")
 
 
 # ------------------------------------------------------------------------------------------------------ Hub
@@ -458,7 +463,7 @@ def test_hub_unreachable_is_a_clear_error_and_retryable(tmp_path, online):
     hub = HubSettings(token="hf_test", endpoint=f"http://127.0.0.1:{closed_port()}", org="acme")
     for _ in range(2):                                     # the retry fails the same way: nothing half-done
         with pytest.raises(PublishError) as err:
-            publish(art, Target("hub"), name="gptq-w4", hub=hub)
+            publish(art, Destination("hub", hub=hub), name="gptq-w4")
         msg = str(err.value)
         assert "cannot reach" in msg and "acme/SmolLM2-135M-gptq-w4" in msg and str(art) in msg and "again" in msg
         assert snapshot(art) == before
@@ -486,7 +491,7 @@ def test_hub_refusing_token_is_a_clear_error(tmp_path, online):
         art = make_artifact(tmp_path)
         hub = HubSettings(token="hf_bad", endpoint=f"http://127.0.0.1:{server.server_address[1]}", org="acme")
         with pytest.raises(PublishError, match="401.*HF_TOKEN") as err:
-            publish(art, "hub:other", name="v", hub=hub)
+            publish(art, at("hub:other", hub=hub), name="v")
         assert "other/" in str(err.value) and "kept" in str(err.value)
     finally:
         server.shutdown()
@@ -502,14 +507,14 @@ def test_hub_checks_before_any_network(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "HfApi", no_network)
     art = make_artifact(tmp_path)
     with pytest.raises(SpecError, match="HF_TOKEN"):
-        publish(art, Target("hub"), name="v", hub=HubSettings(token=None, org="acme"))
+        publish(art, Destination("hub", hub=HubSettings(token=None, org="acme")), name="v")
     with pytest.raises(SpecError, match="needs an org"):
-        publish(art, Target("hub"), name="v", hub=HubSettings(token="hf_x"))
+        publish(art, Destination("hub", hub=HubSettings(token="hf_x")), name="v")
     with pytest.raises(SpecError, match="template"):
-        publish(art, Target("hub"), name="v", hub=HubSettings(token="hf_x", org="a", name_template="{org}/{size}"))
+        publish(art, Destination("hub", hub=HubSettings(token="hf_x", org="a", name_template="{org}/{size}")), name="v")
     for template in ("{org}/{variant}", "{org}/models"):      # repos shared by models or by variants: refused
         with pytest.raises(SpecError, match="must contain {model} and {variant}"):
-            publish(art, Target("hub"), name="v", hub=HubSettings(token="hf_x", org="a", name_template=template))
+            publish(art, Destination("hub", hub=HubSettings(token="hf_x", org="a", name_template=template)), name="v")
 
 
 class FakeHub:
@@ -552,7 +557,7 @@ def fake_hub(monkeypatch, online):
 def test_hub_publish_calls(tmp_path, fake_hub):
     """The wiring: one private repo, a look at what it holds, one commit of the whole folder."""
     art = make_artifact(tmp_path)
-    rec = publish(art, "hub", name="awq-w4", hub=HubSettings(token="hf_x", endpoint="http://hub.test", org="acme"))
+    rec = publish(art, at("hub", hub=HubSettings(token="hf_x", endpoint="http://hub.test", org="acme")), name="awq-w4")
     assert rec["commit"] == "f" * 40 and rec["url"] == "http://hub.test/acme/SmolLM2-135M-awq-w4" and rec["files"] == 6
     assert rec["status"] == "published"
     calls = fake_hub.calls
@@ -570,15 +575,15 @@ def test_hub_repo_of_another_source_is_refused_unless_replace(tmp_path, fake_hub
     refused and the first stays; the same recipe again updates it; replace takes the repo over."""
     hub = HubSettings(token="hf_x", endpoint="http://hub.test", org="acme")
     first = make_artifact(tmp_path, "a", model="org1/Tiny", revision="1" * 40, recipe="r1")
-    assert publish(first, "hub", name="w4", hub=hub)["status"] == "published"
+    assert publish(first, at("hub", hub=hub), name="w4")["status"] == "published"
     held = dict(fake_hub.repos["acme/Tiny-w4"])
     other = make_artifact(tmp_path, "b", weights=b"\x07" * 10, model="org2/Tiny", revision="2" * 40, recipe="r2")
     with pytest.raises(PublishError, match=r"holds another artifact \(org1/Tiny at revision 111111111111.*than this one \(org2/Tiny"):
-        publish(other, "hub", name="w4", hub=hub)
+        publish(other, at("hub", hub=hub), name="w4")
     assert fake_hub.repos["acme/Tiny-w4"] == held
     again = make_artifact(tmp_path, "c", weights=b"\x03" * 10, model="org1/Tiny", revision="1" * 40, recipe="r1")
-    assert publish(again, "hub", name="w4", hub=hub)["status"] == "updated"
-    assert publish(other, "hub", name="w4", hub=hub, replace=True)["status"] == "replaced"
+    assert publish(again, at("hub", hub=hub), name="w4")["status"] == "updated"
+    assert publish(other, at("hub", hub=hub), name="w4", replace=True)["status"] == "replaced"
     assert fake_hub.repos["acme/Tiny-w4"]["model.safetensors"] == b"\x07" * 10
 
 
@@ -587,7 +592,7 @@ def test_hub_offline_mode_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     art = make_artifact(tmp_path)
     with pytest.raises(PublishError, match="offline mode is on.*kept"):
-        publish(art, "hub", name="v", hub=HubSettings(token="hf_x", endpoint="http://127.0.0.1:9", org="acme"))
+        publish(art, at("hub", hub=HubSettings(token="hf_x", endpoint="http://127.0.0.1:9", org="acme")), name="v")
 
 
 def test_hub_settings_and_repo_names(monkeypatch):
@@ -604,9 +609,9 @@ def test_hub_settings_and_repo_names(monkeypatch):
 # ----------------------------------------------------------------------------------------------- parse_target
 
 def test_parse_target():
-    assert parse_target("", allow_urls=False) == Target("local")
-    assert parse_target("hub", allow_urls=False) == Target("hub")
-    assert parse_target("hub:acme", allow_urls=True) == Target("hub", org="acme")
+    assert parse_target("", allow_urls=False) == Destination("local")
+    assert parse_target("hub", allow_urls=False) == Destination("hub")
+    assert parse_target("hub:acme", allow_urls=True) == Destination("hub", org="acme")
     t = parse_target("file:///srv/models/", allow_urls=True)
     assert (t.kind, t.url, t.protocol, str(t)) == ("fsspec", "file:///srv/models", "file", "file:///srv/models")
     for url in ("s3://bucket/prefix", "file:///srv/models", "hub:acme"):

@@ -112,7 +112,8 @@ def test_card_serve_command_serves(served):
 
 @pytest.mark.parametrize("which", ["awq-g64", "compressed-tensors"])
 def test_awq_and_compressed_tensors_serve_against_the_same_fp16(served, smol_quantized, ct_artifact, which):
-    from service.job.models import fp16_folder, resolve_model
+    from service.job.loading import fp16_folder
+    from service.job.models import resolve_model
     _, _, rep = served
     fp16 = rep["serving"]["models"]["fp16"]                      # measured once, with the same settings
     folder = ct_artifact if which == "compressed-tensors" else smol_quantized(which).folder

@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from core.errors import ModelSourceError, UnsafeModelError
-from service.job.models import DEMO_MODELS, ResolvedModel, load_model, resolve_model
+from service.job.loading import load_model
+from service.job.models import DEMO_MODELS, resolve_model
+from service.job.sources import Access, ResolvedModel
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 
@@ -179,7 +181,7 @@ def test_demo_resolves_with_stable_hash():
 
 def test_gguf_source_card_is_read_once_per_file(monkeypatch, tmp_path):
     """The license and languages of a GGUF source come from its fields the first time, from the cache after."""
-    from service.job.models import source_card
+    from service.job.loading import source_card
     monkeypatch.setenv("QUANTFARM_CACHE", str(tmp_path / "cache"))
     resolved = resolve_model("smollm2-135m")
     first = source_card(resolved)
@@ -226,7 +228,7 @@ def test_local_pickle_only_is_refused_unless_allowed(tiny_dir, tmp_path):
     _to_pickle_only(folder)
     with pytest.raises(UnsafeModelError, match="safetensors"):
         resolve_model(str(folder))
-    resolved = resolve_model(str(folder), allow_pickle=True)
+    resolved = resolve_model(str(folder), access=Access(allow_pickle=True))
     model, _ = load_model(resolved)
     reference, _ = load_model(resolve_model(str(tiny_dir)))
     torch.testing.assert_close(model.state_dict(), reference.state_dict())
@@ -237,7 +239,7 @@ def test_local_custom_code_needs_trust(tiny_dir, tmp_path):
     _add_auto_map(folder)
     with pytest.raises(UnsafeModelError, match="trust_remote_code"):
         resolve_model(str(folder))
-    assert resolve_model(str(folder), trust_remote_code=True).trust_remote_code
+    assert resolve_model(str(folder), access=Access(trust_remote_code=True)).trust_remote_code
 
 
 def test_local_dir_without_weights(tiny_dir, tmp_path):
@@ -271,18 +273,18 @@ def test_missing_gguf_file(tmp_path):
 def test_hub_unreachable_endpoint(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
     with pytest.raises(ModelSourceError, match="cannot reach the Hugging Face Hub at http://127.0.0.1"):
-        resolve_model("org/model", cache_dir=str(tmp_path))
+        resolve_model("org/model", access=Access(cache_dir=str(tmp_path)))
 
 
 def test_hub_offline_without_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelSourceError, match="cannot reach.*HF_HUB_OFFLINE"):
-        resolve_model("org/model", cache_dir=str(tmp_path))
+        resolve_model("org/model", access=Access(cache_dir=str(tmp_path)))
 
 
 def test_hub_resolves_pinned_sha_then_works_offline(hub, tiny_dir, tmp_path, monkeypatch):
     hub.add("org/tiny", tiny_dir)
-    resolved = resolve_model("org/tiny", cache_dir=str(tmp_path))
+    resolved = resolve_model("org/tiny", access=Access(cache_dir=str(tmp_path)))
     assert resolved.kind == "hub" and resolved.revision == SHA and resolved.content_hash == SHA
     folder = Path(resolved.path)
     assert folder.name == SHA and folder.is_relative_to(tmp_path)
@@ -291,10 +293,10 @@ def test_hub_resolves_pinned_sha_then_works_offline(hub, tiny_dir, tmp_path, mon
     model, _ = load_model(resolved)
     assert model.config.num_hidden_layers == 2
 
-    assert resolve_model(f"org/tiny@{SHA}", cache_dir=str(tmp_path)).revision == SHA
+    assert resolve_model(f"org/tiny@{SHA}", access=Access(cache_dir=str(tmp_path))).revision == SHA
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")          # now served from the cache, no request
     before = len(hub.log)
-    cached = resolve_model("org/tiny", cache_dir=str(tmp_path))
+    cached = resolve_model("org/tiny", access=Access(cache_dir=str(tmp_path)))
     assert (cached.path, cached.revision) == (resolved.path, SHA) and len(hub.log) == before
 
 
@@ -303,9 +305,9 @@ def test_hub_pickle_only_refused_before_download(hub, tiny_dir, tmp_path):
     _to_pickle_only(folder)
     hub.add("org/pickled", folder)
     with pytest.raises(UnsafeModelError, match="allow_pickle"):
-        resolve_model("org/pickled", cache_dir=str(tmp_path / "cache"))
+        resolve_model("org/pickled", access=Access(cache_dir=str(tmp_path / "cache")))
     assert hub.log and not hub.requested(".bin")
-    resolved = resolve_model("org/pickled", allow_pickle=True, cache_dir=str(tmp_path / "cache"))
+    resolved = resolve_model("org/pickled", access=Access(allow_pickle=True, cache_dir=str(tmp_path / "cache")))
     assert hub.requested(".bin") and (Path(resolved.path) / "pytorch_model.bin").is_file()
 
 
@@ -314,25 +316,25 @@ def test_hub_custom_code_refused_before_weights(hub, tiny_dir, tmp_path):
     _add_auto_map(folder)
     hub.add("org/custom", folder)
     with pytest.raises(UnsafeModelError, match="trust_remote_code"):
-        resolve_model("org/custom", cache_dir=str(tmp_path / "cache"))
+        resolve_model("org/custom", access=Access(cache_dir=str(tmp_path / "cache")))
     assert hub.requested("config.json") and not hub.requested(".safetensors")
 
 
 def test_hub_not_found(hub, tmp_path):
     with pytest.raises(ModelSourceError, match="not found or private.*HF_TOKEN"):
-        resolve_model("org/missing", cache_dir=str(tmp_path))
+        resolve_model("org/missing", access=Access(cache_dir=str(tmp_path)))
 
 
 def test_hub_unknown_revision(hub, tiny_dir, tmp_path):
     hub.add("org/tiny", tiny_dir)
     with pytest.raises(ModelSourceError, match="no revision 'v9'"):
-        resolve_model("org/tiny", revision="v9", cache_dir=str(tmp_path))
+        resolve_model("org/tiny", revision="v9", access=Access(cache_dir=str(tmp_path)))
 
 
 def test_hub_gated(hub, tiny_dir, tmp_path):
     hub.add("org/gated", tiny_dir, gated=True)
     with pytest.raises(ModelSourceError, match="gated: accept its license.*HF_TOKEN"):
-        resolve_model("org/gated", cache_dir=str(tmp_path))
+        resolve_model("org/gated", access=Access(cache_dir=str(tmp_path)))
 
 
 def test_resolved_model_is_frozen():

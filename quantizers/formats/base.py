@@ -1,7 +1,8 @@
 """What every checkpoint format implements: what it can hold (per Linear shape, with the reason when
-not), how it writes and reads a quantized Linear, its quantization_config, and which runtime paths
-load it. One subclass per format (formats/gptq.py, awq.py, compressed_tensors.py), one line in the
-table (formats/__init__.py); the pipeline, preflight, inspect, the CLI and the model card ask the table."""
+not), which runtime paths load it, how the model card and `inspect` describe it, and, for the formats the
+layer walk packs, how it writes and reads a quantized Linear and its quantization_config. One subclass per
+format (formats/gptq.py, awq.py, compressed_tensors.py, gguf.py), one line in the table
+(formats/__init__.py); JobSpec, preflight, the job's maker, inspect, the CLI and the model card ask the table."""
 from dataclasses import dataclass, field
 
 import torch
@@ -33,8 +34,67 @@ class Usage:
 class Format:
     name: str               # the --format value
     title: str              # how the model card names it
-    quant_method: str       # config.json's quantization_config.quant_method
-    marker: str             # the tensor whose presence marks a quantized Linear ("<module>.<marker>")
+    quant_method: str | None = None   # config.json's quantization_config.quant_method (None: not a packed format)
+    marker: str = ""        # the tensor whose presence marks a quantized Linear ("<module>.<marker>")
+    made_by = "walk"        # how a job makes it: "walk" (the layer walk packs each Linear here) or another
+                            # maker of service/job's MAKERS ("llama.cpp": llama.cpp's own tools)
+    knobs: dict = {}        # the JobSpec fields only this format takes: name -> (type, pydantic Field)
+    ignores: tuple = ()     # JobSpec fields it does not use: refused when set, left out of the recipe
+
+    # ---- its own settings (JobSpec asks these at validation)
+    def settle(self, values: dict) -> dict:
+        """Its knobs checked and normalised ({name: value} -> the same, updated); raises ValueError."""
+        return values
+
+    def label(self, s) -> str | None:
+        """The artifact's default name when the format names it itself (None: from the weight settings)."""
+        return None
+
+    def recipe_fields(self, s) -> set[str]:
+        """Fields of the spec `s` that do not change what this format makes (besides `ignores`)."""
+        return set()
+
+    def needs_calibration(self, s, algorithm_needs_data: bool) -> bool:
+        """Whether a job of spec `s` builds calibration tokens."""
+        return algorithm_needs_data
+
+    # ---- how the model card and `inspect` describe an artifact (settings: report.json's `settings`)
+    def card_line(self, settings: dict) -> str | None:
+        """The card's settings sentence when the format words it itself (None: the weight settings' line)."""
+        return None
+
+    def card_usage(self, settings: dict, folder_name: str) -> list[str] | None:
+        """The card's how-to-load lines when not the transformers snippet `usage` builds."""
+        return None
+
+    def card_tags(self, settings: dict) -> tuple[str, list[str]] | None:
+        """(library_name, tags) of the model index when not transformers' quantized-model tags."""
+        return None
+
+    def summary_line(self, st: dict) -> str:
+        """`quantize`'s format line from the settings used."""
+        act = st["act_order"]
+        return (f"{self.name} {st['bits']}-bit g{st['group_size']} {'sym' if st['sym'] else 'asym'}"
+                f"{' act-order ' + act if act != 'none' else ''} ({st['algorithm']})")
+
+    def spec_line(self, s: dict) -> str | None:
+        """A short name for a spec of this format when not its weight settings (report tables)."""
+        return None
+
+    def size_words(self) -> tuple[str, str]:
+        """What the card's two bits-per-weight figures cover: the quantized part, and overall."""
+        return "quantized Linears (codes, scales, zeros)", "embeddings, head and norms stay 16-bit"
+
+    def artifact_files(self, path) -> list | None:
+        """The files of an artifact of this format at `path` that `inspect` reads itself (None: not one)."""
+        return None
+
+    def describe_files(self, files: list) -> dict:
+        raise NotImplementedError
+
+    def render(self, d: dict) -> str | None:
+        """`inspect`'s text for what describe_files returned (None: the packed formats' common text)."""
+        return None
 
     # ---- what it can hold
     def check(self, q: Scheme, in_features: int, out_features: int) -> None:
@@ -51,6 +111,11 @@ class Format:
                 if str(e) not in out:
                     out.append(str(e))
         return out
+
+    def estimate_bytes(self, model, q: Scheme) -> int:
+        """Bytes an artifact of `model` (loaded, or on the meta device) will take, before it is made."""
+        from ..estimates import artifact_bytes
+        return artifact_bytes(model, q)
 
     def scale_dtype(self, storage: torch.dtype) -> torch.dtype:
         """The dtype scales are stored in (grids round to it before choosing codes)."""

@@ -6,10 +6,17 @@ weight's shape, so preflight can say it before any work, and how checkpoint name
 Block sizes and fallbacks are llama.cpp's (src/llama-quant.cpp, tensor_type_fallback): a weight whose
 row length (input width) is not a multiple of its type's block takes a 32-block type instead, and F16
 when even that does not divide it."""
+import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
 
 from core.errors import SpecError
+
+from .base import Format
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,7 @@ TYPES: dict[str, GGUFType] = {
 }
 PRESET = ("Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")     # the `gguf` release preset
 IMATRIX = ("quantfarm", "llama", "none")                            # who makes the importance matrix
+DEFAULT_TYPE = "Q4_K_M"
 
 
 def gguf_type(name: str) -> GGUFType:
@@ -133,3 +141,130 @@ def file_summary(path) -> dict:
     return {"meta": meta, "tensors": len(r.tensors), "types": count(r.tensors), "weight_types": count(lin),
             "bits_per_weight": {"quantized_linears": bpw(lin), "overall": bpw(r.tensors)},
             "fraction_quantized": round(quantized / max(lin_n, 1), 4)}
+
+
+class GGUF(Format):
+    """The table's entry: made by llama.cpp's tools (service/job/gguf_job.py), not packed by the walk.
+    llama-quantize's type sets the bits and blocks and its own rounding quantizes, so the spec's weight
+    settings are not used."""
+    name, title, made_by = "gguf", "GGUF", "llama.cpp"
+    knobs = {
+        "gguf_type": (str | None, Field(None, max_length=16, description="format gguf: the llama-quantize type "
+                                        f"({', '.join(TYPES)}); default {DEFAULT_TYPE}")),
+        "imatrix": (Literal[IMATRIX], Field("quantfarm", description="format gguf: the importance matrix "
+                                            "llama-quantize uses: quantfarm (from the calibration forward), llama "
+                                            "(llama.cpp's llama-imatrix on the calibration text), none")),
+        "gguf_shard": (str | None, Field(None, pattern=r"^[1-9][0-9]{0,5}[MG]$",
+                                         description="format gguf: split files into parts of at most this size "
+                                                     "(e.g. 4G) with llama-gguf-split; unset: files over 48 GB are "
+                                                     "split at 48G (the Hub takes at most 50 GB a file)")),
+    }
+    ignores = ("algorithm", "bits", "group_size", "sym", "act_order", "true_sequential", "damp_percent", "keep")
+    why_ignored = "whose type (gguf_type, e.g. Q4_K_M) sets the bits and llama-quantize quantizes"
+
+    def settle(self, values: dict) -> dict:
+        t = (values.get("gguf_type") or DEFAULT_TYPE).upper()
+        try:
+            gguf_type(t)
+            why = problems(t, values["imatrix"])
+        except SpecError as e:
+            raise ValueError(str(e)) from None
+        if why:
+            raise ValueError(why[0])
+        return {**values, "gguf_type": t}
+
+    def label(self, s) -> str:
+        return f"gguf-{(s.gguf_type or DEFAULT_TYPE).lower()}"
+
+    def recipe_fields(self, s) -> set[str]:
+        return {"calibration"} if s.imatrix == "none" else set()    # without a matrix nothing is calibrated
+
+    def needs_calibration(self, s, algorithm_needs_data: bool) -> bool:
+        return s.imatrix != "none"
+
+    def card_line(self, st: dict) -> str:
+        im = {"quantfarm": "quantfarm's, from the calibration forward", "llama": "llama.cpp's llama-imatrix",
+              "none": "none"}[st["imatrix"]]
+        parts = [f"GGUF {st['gguf_type']} by llama-quantize ({st['llama_cpp']}), importance matrix {im}"]
+        c = st.get("calibration")
+        if c:
+            parts.append(f"calibration {c['samples']} x {c['seq_len']} tokens of {c['source']} (seed {c['seed']}, "
+                         f"hash {c['hash'][:12]})")
+        if st.get("fallbacks"):
+            parts.append("per-tensor fallbacks (widths the type's blocks do not divide): "
+                         + ", ".join(f"{k} {n}x" for k, n in st["fallbacks"].items()))
+        return "; ".join(parts)
+
+    def summary_line(self, st: dict) -> str:
+        return (f"gguf {st['gguf_type']} (llama-quantize, importance matrix {st['imatrix']}): "
+                f"{', '.join(st['files'])}")
+
+    def spec_line(self, s: dict) -> str:
+        return f"GGUF {s['gguf_type']} (llama.cpp, imatrix {s['imatrix']})"
+
+    def card_usage(self, st: dict, folder_name: str) -> list[str]:
+        first = st["files"][0]
+        return ["llama.cpp (and the runtimes built on it: Ollama, LM Studio):", "", "```sh",
+                f"llama-completion -m {folder_name}/{first} -p \"The capital of France is\" -n 16 -no-cnv", "```", "",
+                *(["transformers (with gguf installed; it dequantizes the weights to 16 bits):", "", "```python",
+                   "from transformers import AutoModelForCausalLM, AutoTokenizer",
+                   f"model_dir = \"{folder_name}\"  # this folder, or its Hub id once published",
+                   "tokenizer = AutoTokenizer.from_pretrained(model_dir)",
+                   f"model = AutoModelForCausalLM.from_pretrained(model_dir, gguf_file=\"{first}\")",
+                   "inputs = tokenizer(\"The capital of France is\", return_tensors=\"pt\")",
+                   "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=16)[0]))", "```", ""]
+                  if len(st["files"]) == 1 else [])]
+
+    def card_tags(self, s: dict) -> tuple[str, list[str]]:
+        return "gguf", ["quantized", "gguf", s["gguf_type"], "llama.cpp",
+                        *(["imatrix"] if s["imatrix"] != "none" else []), "quantfarm"]
+
+    def size_words(self) -> tuple[str, str]:
+        return "decoder weight matrices", "everything in the file"
+
+    def artifact_files(self, path) -> list[Path] | None:
+        path = Path(path)
+        if path.suffix == ".gguf":
+            return [path]
+        files = sorted(p for p in path.glob("*.gguf") if p.name != "imatrix.gguf") if path.is_dir() else []
+        return files if files and not (path / "config.json").is_file() else None
+
+    def describe_files(self, files: list[Path]) -> dict:
+        """A GGUF artifact (one file, or a folder of them: sizes or shards) from its own metadata and tensor types."""
+        out = {"artifact": str(files[0].parent.resolve()), "format": self.name, "files": []}
+        for f in files:
+            s = file_summary(f)
+            meta, arch = s["meta"], s["meta"].get("general.architecture")
+            out["files"].append({
+                "file": f.name, "bytes": f.stat().st_size, "architecture": arch, "name": meta.get("general.name"),
+                "file_type": meta.get("general.file_type"), "layers": meta.get(f"{arch}.block_count"),
+                "hidden_size": meta.get(f"{arch}.embedding_length"), "split": meta.get("split.count"),
+                "tensors": s["tensors"], "types": s["types"], "bits_per_weight": s["bits_per_weight"]["overall"],
+                "quantization_version": meta.get("general.quantization_version")})
+        rep = files[0].parent / "report.json"
+        if rep.is_file():
+            r = json.loads(rep.read_text())
+            out["report"] = {"llama_cpp": r.get("llama_cpp"), "recovery": (r.get("evaluation") or {}).get("recovery"),
+                             "settings": r.get("settings")}
+        return out
+
+    def render(self, d: dict) -> str:
+        mb = 2 ** 20
+        lines = [f"artifact     {d['artifact']}"]
+        for f in d["files"]:
+            lines += [f"file         {f['file']}: {f['bytes'] / mb:.1f} MiB, {f['bits_per_weight']:.2f} bits per weight, "
+                      f"{f['tensors']} tensors" + (f" (one of {f['split']} shards)" if f.get("split") else ""),
+                      f"model        {f['architecture']} ({f['name']}), {f['layers']} layers, hidden {f['hidden_size']}",
+                      "types        " + ", ".join(f"{k} {n}" for k, n in sorted(f["types"].items(), key=lambda x: -x[1]))]
+        lc = (d.get("report") or {}).get("llama_cpp")
+        if lc:
+            q = lc["quantized"]
+            lines.append(f"llama.cpp    perplexity {q['perplexity']:.4f} (F16 {lc['fp16']['perplexity']:.4f}), "
+                         f"KLD {q.get('kld', float('nan')):.5f}")
+        return "\n".join(lines)
+
+    def estimate_bytes(self, model, q) -> int:
+        return max_file_bytes(sum(p.numel() for p in model.parameters()))
+
+    def problems(self, q, shapes) -> list[str]:
+        return []            # llama-quantize takes any shape: a block that does not divide falls back per tensor

@@ -12,7 +12,7 @@ class TableNames:
 
     def _names(self) -> list[str]:
         if self.table == "formats":
-            from service.job.spec import ALL_FORMATS as table
+            from quantizers.formats import FORMATS as table
         else:
             from quantizers.algorithms import ALGORITHMS as table
         return list(table)
@@ -66,15 +66,18 @@ def weight_arguments(p):
                      help="symmetric grid (default for gptq and rtn)")
     sym.add_argument("--asym", dest="sym", action="store_false",
                      help="asymmetric grid (always for awq; GPTQ writes it as gptq_v2)")
-    p.add_argument("--act-order", choices=["static", "dynamic", "none"], default="static",
-                   help="column order by descending Hessian diagonal: static (default; groups keep their natural "
-                        "columns, so g_idx stays monotonic and inference pays nothing), dynamic (groups formed in "
-                        "that order: classic desc_act, non-monotonic g_idx), or none")
+    p.add_argument("--act-order", choices=["static", "dynamic", "none"],
+                   help="GPTQ's column order by descending Hessian diagonal: static (gptq's default; groups keep "
+                        "their natural columns, so g_idx stays monotonic and inference pays nothing), dynamic "
+                        "(groups formed in that order: classic desc_act, non-monotonic g_idx), or none")
     p.add_argument("--desc-act", dest="act_order", action="store_const", const="dynamic",
                    help="same as --act-order dynamic")
     p.add_argument("--no-true-sequential", dest="true_sequential", action="store_false",
                    help="collect all inputs of a layer at once instead of group by group")
     p.add_argument("--damp", type=float, default=0.01, help="damping as a fraction of mean(diag H)")
+    p.add_argument("--set", dest="knobs", action="append", default=[], metavar="KNOB=VALUE",
+                   help="one of the algorithm's own settings, named as the API's JobSpec field (e.g. awq_grid=40; "
+                        "a name it does not know lists them); repeatable")
     p.add_argument("--keep", action="append", default=[], metavar="PATTERN",
                    help="leave these decoder modules in 16 bits on purpose (fnmatch on full names, e.g. "
                         "'*.shared_expert.*'); repeatable. Without it a job fails if under 99%% of the "
@@ -133,14 +136,14 @@ def evaluation_from_args(a) -> dict:
 def model_source(ref: str, revision: str | None) -> dict:
     """{model, revision}, or for a merge recipe file (.yaml/.yml) {model: its name, merge: the recipe}: the recipe
     travels inside the spec, so a server never reads the submitter's files."""
-    from service.job import merge
-    if not merge.is_recipe_path(ref):
+    from service.job import merge_recipe
+    if not merge_recipe.is_recipe_path(ref):
         return {"model": ref, "revision": revision}
     if revision:
         from core.errors import SpecError
         raise SpecError("--revision: a merge recipe pins its own sources (name them org/name@revision in it)")
     from pathlib import Path
-    return {"model": Path(ref).stem, "merge": merge.load_recipe(ref)}
+    return {"model": Path(ref).stem, "merge": merge_recipe.load_recipe(ref)}
 
 
 def shared_from_args(a) -> dict:
@@ -152,12 +155,27 @@ def shared_from_args(a) -> dict:
                 **({"publish": a.publish} if a.publish else {}))
 
 
+def knobs_from_args(pairs: list[str]) -> dict:
+    """--set KNOB=VALUE as JobSpec fields: only knobs an algorithm of the table declares (JobSpec parses the
+    values and refuses a knob of another algorithm)."""
+    from core.errors import SpecError
+    from service.job.spec import KNOBS
+    out = {}
+    for pair in pairs:
+        name, eq, value = pair.partition("=")
+        if not eq or KNOBS.get(name.strip(), ("",))[0] != "algorithm":
+            known = ", ".join(k for k, (kind, _, _) in KNOBS.items() if kind == "algorithm")
+            raise SpecError(f"--set {pair!r}: give KNOB=VALUE with one of the algorithms' knobs ({known})")
+        out[name.strip()] = value.strip()
+    return out
+
+
 def spec_from_args(a, **extra):
     from service.job.spec import JobSpec
     return JobSpec(algorithm=a.algorithm, format=a.format, bits=a.bits, group_size=a.group_size, sym=a.sym,
                    act_order=a.act_order, true_sequential=a.true_sequential, damp_percent=a.damp, keep=a.keep,
                    **_given(gguf_type=a.gguf_type, imatrix=a.imatrix, gguf_shard=a.gguf_shard),
-                   **shared_from_args(a), **extra)
+                   **knobs_from_args(a.knobs), **shared_from_args(a), **extra)
 
 
 # Calibration samples and evaluation windows (of 512 tokens) when the user sets neither: the JobSpec's
@@ -165,6 +183,13 @@ def spec_from_args(a, **extra):
 # first run of the demo model ends in about two minutes on two cores (BENCHMARKS.md, "Set-up and demo").
 GPU_SIZING = {"samples": 128, "windows": 32}
 CPU_SIZING = {"samples": 32, "windows": 16}
+
+
+def baseline_cache(a):
+    """Where runs in this process cache fp16 baselines: HOME/baselines (QUANTFARM_HOME, default ~/.quantfarm), as
+    a farm's workers on this machine do; None with --no-baseline-cache."""
+    from service.farm.home import default_home
+    return None if a.no_baseline_cache else default_home() / "baselines"
 
 
 def size_for_device(a, device) -> str | None:

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from core.errors import QuantfarmError
+from core.paths import atomic_folder
 
 DEFAULT_SERVER = "http://127.0.0.1:8600"
 
@@ -103,26 +104,25 @@ class Client:
                     yield kind, json.loads(line[6:])
 
     def download(self, artifact_id: str, out: Path) -> list[Path]:
-        """Every file of an artifact into `out` (which must not exist yet); returns the files written."""
+        """Every file of an artifact into `out` (which must not exist yet), all or none (atomic_folder);
+        returns the files written."""
         listing = self._call("GET", f"/v1/artifacts/{artifact_id}")
         out = Path(out)
         if out.exists():
             raise ClientError(f"{out} already exists; choose another --out")
-        tmp = out.with_name(f".{out.name}.partial")
         written = []
-        for f in listing["files"]:
-            target = (tmp / f["path"]).resolve()
-            if not target.is_relative_to(tmp.resolve()):
-                raise ClientError(f"the server listed a file outside the artifact ({f['path']!r}); not written")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with self.http.stream("GET", f["url"]) as r, open(target, "wb") as fh:
-                if r.status_code >= 400:
-                    raise ClientError(f"{r.status_code} downloading {f['path']}")
-                for chunk in r.iter_bytes(1 << 20):
-                    fh.write(chunk)
-            written.append(out / f["path"])
-        tmp.mkdir(parents=True, exist_ok=True)
-        tmp.rename(out)
+        with atomic_folder(out) as tmp:
+            for f in listing["files"]:
+                target = (tmp / f["path"]).resolve()
+                if not target.is_relative_to(tmp.resolve()):
+                    raise ClientError(f"the server listed a file outside the artifact ({f['path']!r}); not written")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with self.http.stream("GET", f["url"]) as r, open(target, "wb") as fh:
+                    if r.status_code >= 400:
+                        raise ClientError(f"{r.status_code} downloading {f['path']}")
+                    for chunk in r.iter_bytes(1 << 20):
+                        fh.write(chunk)
+                written.append(out / f["path"])
         return written
 
 

@@ -80,7 +80,7 @@ def check_storage(a) -> None:
 def cmd_worker(a) -> int:
     from service.farm.worker import work
     check_storage(a)
-    from service.job.pipeline import pick_device
+    from service.job.context import pick_device
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     home = a.home or default_home()
     device = str(pick_device(a.device))

@@ -8,7 +8,9 @@ from pydantic import ValidationError
 
 from core.errors import QuantfarmError
 
-from .args import HelpWithDefaults, eval_arguments, evaluation_from_args, size_for_device, spec_arguments, spec_from_args
+from .args import (HelpWithDefaults, baseline_cache, eval_arguments, evaluation_from_args, size_for_device,
+                   spec_arguments, spec_from_args)
+from .progress import ProgressPrinter
 
 
 def _quantize_parser(sub):
@@ -22,47 +24,19 @@ def _quantize_parser(sub):
     p.set_defaults(func=cmd_quantize)
 
 
-class Progress:
-    """Step lines and a per-layer bar on stderr, for runs in this process."""
-
-    def __init__(self):
-        self.bar = None
-
-    def on_step(self, step):
-        if self.bar is not None:
-            self.bar.clear()          # a step line never runs into the progress bar
-        print(f"[quantfarm] {step}", file=sys.stderr, flush=True)
-
-    def on_layer(self, rep, total):
-        from tqdm import tqdm
-        if self.bar is None or self.bar.total != total or self.bar.n >= total:
-            self.bar = tqdm(total=total, initial=rep.index, desc="layers", unit="layer", file=sys.stderr)
-        worst = max((m.get("rel_error", 0.0) for m in rep.modules.values()), default=0.0)
-        self.bar.set_postfix_str(f"{rep.seconds:.1f}s, worst rel err {worst:.2e}")
-        self.bar.update(1)
-        if self.bar.n >= total:
-            self.bar.close()
-
-    @property
-    def layers_done(self) -> int:
-        return self.bar.n if self.bar is not None else 0
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
 def cmd_quantize(a) -> int:
     from service.job import pipeline
+    from service.job.context import JobContext, pick_device
     from service.job.spec import local_targets
 
-    sizing = size_for_device(a, pipeline.pick_device(a.device))
+    sizing = size_for_device(a, pick_device(a.device))
     spec = spec_from_args(a)
     local_targets(spec.publish)                       # an unknown target fails now, not after the work
-    progress = Progress()
+    progress = ProgressPrinter()
     try:
-        r = pipeline.run(spec, a.out, device=a.device, state_dir=a.state_dir, overwrite=a.overwrite,
-                         cache_dir=baseline_cache(a), on_step=progress.on_step, on_layer=progress.on_layer)
+        r = pipeline.run(spec, JobContext(a.out, device=a.device, state_dir=a.state_dir, overwrite=a.overwrite,
+                                          cache_dir=baseline_cache(a), on_step=progress.on_step,
+                                          on_layer=progress.on_layer))
     except KeyboardInterrupt:
         progress.close()
         done = progress.layers_done
@@ -74,13 +48,8 @@ def cmd_quantize(a) -> int:
     mb = 2 ** 20
     print(f"\nartifact     {r.artifact}")
     print(f"model        {r.model} @ {r.revision}")
-    if spec.format == "gguf":
-        print(f"format       gguf {spec.gguf_type} (llama-quantize, importance matrix {spec.imatrix}): "
-              f"{', '.join(r.settings['files'])}")
-    else:
-        act = r.preflight["settings"]["act_order"]
-        print(f"format       {spec.format} {spec.bits}-bit g{spec.group_size} {'sym' if spec.symmetric else 'asym'}"
-              f"{' act-order ' + act if act != 'none' else ''} ({spec.algorithm})")
+    from quantizers import formats
+    print(f"format       {formats.get(spec.format).summary_line(r.settings)}")
     if r.calibration_source:
         c = spec.calibration
         print(f"calibration  {c.samples} x {c.seq_len} tokens ({r.calibration_source})")
@@ -142,12 +111,13 @@ def _merge_parser(sub):
 
 
 def cmd_merge(a) -> int:
-    from service.job import merge
-    m = merge.pin(merge.load_recipe(a.recipe), allow_pickle=a.allow_pickle, trust_remote_code=a.trust_remote_code)
+    from service.job import merge, merge_recipe
+    from service.job.sources import Access
+    m = merge.pin(merge_recipe.load_recipe(a.recipe), Access(a.allow_pickle, a.trust_remote_code))
     cached = m.built
-    out = merge.export(m, a.out, overwrite=a.overwrite, on_step=Progress().on_step)
+    out = merge.export(m, a.out, overwrite=a.overwrite, on_step=ProgressPrinter().on_step)
     print(f"\nmerged       {out}{' (from the cache)' if cached else ''}")
-    print(f"method       {m.method} (mergekit {merge.mergekit_version()}, seed {merge.SEED})")
+    print(f"method       {m.method} (mergekit {merge_recipe.mergekit_version()}, seed {merge.SEED})")
     for p, src in m.sources.items():
         print(f"source       {p} @ {src.revision or src.content_hash}")
     print(f"merge key    {m.key}")
@@ -187,11 +157,6 @@ def serving_line(part: dict) -> str:
     return (f"vLLM {part['vllm']} on {'CPU' if part['cpu'] else 'GPU'}: decode {q['decode_tok_s']['1']:.1f} tok/s "
             f"({sp['decode_1']:.2f}x fp16), prefill {q['prefill_tok_s']['1']:.0f} tok/s ({sp['prefill_1']:.2f}x), "
             f"weights {sp['weight_memory']:.2f}x smaller; `{part['serve_command']}`")
-
-
-def baseline_cache(a):
-    from service.farm.home import default_home
-    return None if a.no_baseline_cache else default_home() / "baselines"
 
 
 def report_text(ev: dict) -> str:
@@ -234,10 +199,10 @@ def _eval_parser(sub):
 def cmd_eval(a) -> int:
     from evaluation.suite import Evaluation
 
-    from service.job import pipeline
+    from service.job.reevaluate import evaluate_artifact
     ev = Evaluation(**evaluation_from_args(a))
-    result = pipeline.evaluate_artifact(a.artifact, ev, device=a.device, cache_dir=baseline_cache(a),
-                                        on_step=lambda s: print(f"[quantfarm] {s}", file=sys.stderr, flush=True))
+    result = evaluate_artifact(a.artifact, ev, device=a.device, cache_dir=baseline_cache(a),
+                               on_step=lambda s: print(f"[quantfarm] {s}", file=sys.stderr, flush=True))
     print(report_text(result))
     return gate_exit(a.min_recovery, result)
 

@@ -47,19 +47,22 @@ def cmd_release(a) -> int:
         return 0
     if not a.out:
         raise SpecError("give --out DIR to run the release here, or --server URL to submit it to a farm")
-    from service.job import pipeline, release
+    from service.job import release
+    from service.job.context import JobContext, pick_device
 
-    from .main import Progress, baseline_cache
-    sizing = size_for_device(a, pipeline.pick_device(a.device))
+    from .args import baseline_cache
+    from .progress import ProgressPrinter
+    sizing = size_for_device(a, pick_device(a.device))
     spec = release_spec(a)
-    progress = Progress()
+    progress = ProgressPrinter()
 
     def on_variant(name, i, n):
         progress.close()
         print(f"[quantfarm] variant {i + 1}/{n}: {name}", file=sys.stderr, flush=True)
 
-    s = release.run(spec, a.out, device=a.device, cache_dir=baseline_cache(a), overwrite=a.overwrite,
-                    on_variant=on_variant, on_step=progress.on_step, on_layer=progress.on_layer)
+    ctx = JobContext(a.out, device=a.device, cache_dir=baseline_cache(a), overwrite=a.overwrite,
+                     on_step=progress.on_step, on_layer=progress.on_layer)
+    s = release.run(spec, ctx, on_variant=on_variant)
     progress.close()
     if sizing:
         print(f"note: {sizing}", file=sys.stderr)

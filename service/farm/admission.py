@@ -17,14 +17,15 @@ from huggingface_hub import errors as hub_errors  # noqa: F401
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: F401
 
 from core.errors import SpecError
-from quantizers import estimates
-from quantizers.formats import gguf as gguf_format
-from service.job import gguf_job, preflight, storage
+from quantizers import estimates, formats
+from service.job import storage
+from service.job.context import JobContext
 from service.job.facts import ModelFacts, model_facts
-from service.job import merge as merge_check
+from service.job import merge_recipe
 from service.job.merge import resolve_source
-from service.job.models import ResolvedModel, resolve_model
-from service.job.pipeline import target
+from service.job.models import resolve_model
+from service.job.sources import ResolvedModel
+from service.job.pipeline import maker_of
 from service.job.spec import JobSpec
 
 from .policy import Policy, check_paths, check_publish, check_trust
@@ -40,12 +41,8 @@ def memory_estimate_gb(facts: ModelFacts | None, spec: JobSpec) -> float:
 
 
 def artifact_bytes_estimate(facts: ModelFacts | None, spec: JobSpec) -> int:
-    """Bytes the artifact's weights will take (0 when the shapes are unknown)."""
-    if facts is None:
-        return 0
-    if spec.format == "gguf":
-        return gguf_format.max_file_bytes(sum(p.numel() for p in facts.meta_model.parameters()))
-    return estimates.artifact_bytes(facts.meta_model, spec.quant_config().scheme)
+    """Bytes the artifact's weights will take, as its format estimates them (0 when the shapes are unknown)."""
+    return 0 if facts is None else formats.get(spec.format).estimate_bytes(facts.meta_model, spec.scheme())
 
 
 @dataclass
@@ -76,18 +73,14 @@ def admit(spec: JobSpec, *, admin: bool, policy: Policy, artifact_root: Path,
         check_trust(spec, policy, admin)
     facts = model_facts(src)
     memory = memory_estimate_gb(facts, spec)
-    if spec.format == "gguf":
-        gguf_job.preflight(src)                   # llama.cpp's tools built here, and a converter for the model
-    elif facts is not None:
-        if spec.group_size > facts.widest_input:
-            raise SpecError(f"group_size {spec.group_size} is wider than the model's widest Linear input "
-                            f"({facts.widest_input}); use -1 for one group per row, or at most {facts.widest_input}")
-        preflight.refuse_unwritable(preflight.report(target(spec.quant_config(), spec.format), set(facts.shapes)))
-        if worker_memory_gb is not None and memory > worker_memory_gb:
-            raise SpecError(f"this job needs about {memory:.1f} GB of device memory and the largest worker has "
-                            f"{worker_memory_gb:.1f} GB; lower calibration.samples or calibration.seq_len")
     storage.check_writable(artifact_root / "new-artifact")
-    storage.check_space(artifact_root, artifact_bytes_estimate(facts, spec))
+    # the job's own preflight, as its worker would make it: the format can hold the settings, its tools
+    # and the room for the artifact (checked on the artifact store's file system)
+    maker = maker_of(spec)
+    maker.preflight(JobContext(artifact_root / "new-artifact", device="cpu"), spec, src, facts)
+    if facts is not None and maker.WALKS and worker_memory_gb is not None and memory > worker_memory_gb:
+        raise SpecError(f"this job needs about {memory:.1f} GB of device memory and the largest worker has "
+                        f"{worker_memory_gb:.1f} GB; lower calibration.samples or calibration.seq_len")
     return Admitted(src, src.revision or src.content_hash, memory)
 
 
@@ -98,6 +91,6 @@ def warm_up(demo: str = "smollm2-135m") -> None:
     except Exception as e:
         log.warning("warm-up on %s failed: %s", demo, e)
     try:
-        merge_check.load_mergekit()                  # 2 s of imports (peft) a first merge recipe would wait for
+        merge_recipe.load_mergekit()                  # 2 s of imports (peft) a first merge recipe would wait for
     except ImportError as e:
         log.warning("mergekit is not importable: merge recipes will be refused (%s)", e)

@@ -12,22 +12,20 @@ import logging
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from sqlalchemy import func, insert, select, update
-from sqlalchemy.exc import IntegrityError
 
 from core.errors import QuantfarmError, SpecError
 from evaluation.suite import Evaluation
-from service.job import merge
+from service.job import merge_recipe
 from service.job.release import PRESETS, ReleaseSpec, Variant
 from service.job.spec import Calibration
 
 from . import releases
-from .store import Store, batch_runs, workers
-from .store import releases as releases_table
+from .store import Store, Submitter
 
 log = logging.getLogger("quantfarm.batch")
 
@@ -101,10 +99,10 @@ def load(path) -> BatchSpec:
         raise SpecError(f"batch file {p}: expected a mapping with `models:`")
     data.setdefault("name", p.stem)
     for m in data.get("models") or []:              # recipe files named by path travel inline, like the CLI's
-        if isinstance(m, dict) and isinstance(m.get("model"), str) and merge.is_recipe_path(m["model"]) \
+        if isinstance(m, dict) and isinstance(m.get("model"), str) and merge_recipe.is_recipe_path(m["model"]) \
                 and "merge" not in m:
             recipe = p.parent / m["model"]
-            m["model"], m["merge"] = recipe.stem, merge.load_recipe(recipe)
+            m["model"], m["merge"] = recipe.stem, merge_recipe.load_recipe(recipe)
     try:
         return BatchSpec.model_validate(data)
     except ValidationError as e:
@@ -118,61 +116,50 @@ def start(store: Store, spec: BatchSpec, *, pin, admit, slot: str | None = None)
     """Record a run for `slot` (a schedule's fire time; default: a new slot) and submit every model's
     release; returns the run id, or None when another process already holds the slot."""
     run_id = uuid.uuid4().hex
-    try:
-        with store.engine.begin() as c:
-            c.execute(insert(batch_runs).values(id=run_id, batch=spec.name, slot=slot or run_id, state="running",
-                                                started_at=time.time(), report={"spec": spec.model_dump(mode="json")}))
-    except IntegrityError:
+    if not store.open_batch_run(run_id, spec.name, slot or run_id, {"spec": spec.model_dump(mode="json")}):
         return None
     problems = []
+    checks, submitter = releases.ReleaseChecks(pin, admit), Submitter(f"batch:{spec.name}", batch_run=run_id)
     for i, m in enumerate(spec.models):
         try:
-            releases.submit(store, spec.release(i), pin=pin, admit=admit, submitted_by=f"batch:{spec.name}",
-                            batch_run=run_id)
+            releases.submit(store, spec.release(i), checks, submitter)
         except QuantfarmError as e:                       # this model fails; the others go on
             problems.append({"model": m.model, "error": str(e)})
             log.warning("batch %s: %s refused: %s", spec.name, m.model, e)
-    with store.engine.begin() as c:
-        c.execute(update(batch_runs).where(batch_runs.c.id == run_id).values(
-            report={"spec": spec.model_dump(mode="json"), "refused": problems}))
+    store.set_batch_report(run_id, {"spec": spec.model_dump(mode="json"), "refused": problems})
     return run_id
 
 
 def report(store: Store, run_id: str) -> dict | None:
     """The night report, live while the run's jobs go on; stored (with HOME/batches files) once they end."""
-    with store.engine.connect() as c:
-        run = c.execute(select(batch_runs).where(batch_runs.c.id == run_id)).first()
-        if run is None:
-            return None
-        rels = c.execute(select(releases_table).where(releases_table.c.batch_run == run_id)
-                         .order_by(releases_table.c.created_at)).all()
-    if run.state != "running":
-        return run.report
-    spec = BatchSpec.model_validate(run.report["spec"])
+    found = store.batch_run_with_releases(run_id)
+    if found is None:
+        return None
+    run, rels = found
+    if run["state"] != "running":
+        return run["report"]
+    spec = BatchSpec.model_validate(run["report"]["spec"])
     models = [_model_entry(store, r, spec.gate.max_regression) for r in rels]
     models += [{"model": p["model"], "state": "failed", "error": p["error"], "variants": []}
-               for p in run.report.get("refused", [])]
+               for p in run["report"].get("refused", [])]
     done = all(m["state"] != "running" for m in models)
     variants = [v for m in models for v in m["variants"]]
     counts = {"models": len(models), "built": sum(v["built"] for v in variants),
               "skipped": sum(not v["built"] for v in variants),
               "failed": sum(v["state"] not in ("succeeded", "queued", "running") for v in variants)
-              + len(run.report.get("refused", [])),
+              + len(run["report"].get("refused", [])),
               "regressed": sum(bool(v.get("regressed")) for v in variants)}
-    out = {"run": run.id, "batch": run.batch, "slot": run.slot, "started_at": run.started_at,
+    out = {"run": run["id"], "batch": run["batch"], "slot": run["slot"], "started_at": run["started_at"],
            "state": "done" if done else "running", "counts": counts, "models": models,
-           "spec": run.report["spec"], "refused": run.report.get("refused", [])}
+           "spec": run["report"]["spec"], "refused": run["report"].get("refused", [])}
     return out
 
 
-def _model_entry(store: Store, rel, max_regression: float) -> dict:
-    view = releases.get(store, rel.id)
-    with store.engine.connect() as c:
-        prev = c.execute(select(releases_table.c.id, releases_table.c.revision)
-                         .where(releases_table.c.model == rel.model, releases_table.c.created_at < rel.created_at)
-                         .order_by(releases_table.c.created_at.desc()).limit(1)).first()
-    before = {v["variant"]: v for v in releases.get(store, prev.id)["variants"]} if prev else {}
-    change = "first" if prev is None else "unchanged" if prev.revision == rel.revision else "new revision"
+def _model_entry(store: Store, rel: dict, max_regression: float) -> dict:
+    view = releases.get(store, rel["id"])
+    prev = store.previous_release(rel["model"], before=rel["created_at"])
+    before = {v["variant"]: v for v in releases.get(store, prev["id"])["variants"]} if prev else {}
+    change = "first" if prev is None else "unchanged" if prev["revision"] == rel["revision"] else "new revision"
     variants = []
     for v in view["variants"]:
         old = before.get(v["variant"], {})
@@ -181,8 +168,8 @@ def _model_entry(store: Store, rel, max_regression: float) -> dict:
                          "built": not v["reused_job"], "recovery": v.get("recovery"),
                          "previous_recovery": old.get("recovery"), "delta": delta,
                          "regressed": delta is not None and delta < -max_regression, "error": v.get("error")})
-    return {"model": rel.model, "revision": rel.revision, "previous_revision": prev.revision if prev else None,
-            "change": change, "release": rel.id, "state": view["state"], "variants": variants}
+    return {"model": rel["model"], "revision": rel["revision"], "previous_revision": prev["revision"] if prev else None,
+            "change": change, "release": rel["id"], "state": view["state"], "variants": variants}
 
 
 def finalize(store: Store, run_id: str, home: Path | None = None) -> dict | None:
@@ -191,11 +178,8 @@ def finalize(store: Store, run_id: str, home: Path | None = None) -> dict | None
     if rep is None or rep["state"] != "done" or "finished_at" in rep:
         return rep
     rep = {**rep, "finished_at": time.time()}
-    with store.engine.begin() as c:
-        if not c.execute(update(batch_runs).where(batch_runs.c.id == run_id, batch_runs.c.state == "running")
-                         .values(state="done", finished_at=rep["finished_at"], counts=rep["counts"],
-                                 report=rep)).rowcount:
-            return report(store, run_id)
+    if not store.close_batch_run(run_id, rep):              # another process closed it first
+        return report(store, run_id)
     if home is not None:
         folder = Path(home) / "batches" / run_id
         folder.mkdir(parents=True, exist_ok=True)
@@ -209,12 +193,6 @@ def all_refused(rep: dict) -> bool:
     return bool(rep["refused"]) and len(rep["refused"]) == len(rep["spec"]["models"])
 
 
-def last_worker_beat(store: Store) -> float | None:
-    """When a worker (serve's, or a `quantfarm worker` on the store) last said it was alive; None: never."""
-    with store.engine.connect() as c:
-        return c.execute(select(func.max(workers.c.seen_at))).scalar()
-
-
 def status_line(rep: dict, since_beat: float | None, live: bool, quiet: float) -> str:
     """One line of what a waiting `batch run --wait` waits for: its jobs by state, and the workers."""
     states = [v["state"] for m in rep["models"] for v in m["variants"]]
@@ -225,14 +203,23 @@ def status_line(rep: dict, since_beat: float | None, live: bool, quiet: float) -
             f"{len(states) - queued - running} done{refused}; {workers_part}")
 
 
-def wait(store: Store, run_id: str, home: Path | None = None, poll: float = 2.0, timeout: float | None = None,
-         no_worker_timeout: float | None = None, on_status=None, status_every: float = 30.0) -> dict:
-    """The run's report once its jobs have ended (or `timeout` passed). `on_status(line)` hears what it waits
-    for, at once and every `status_every` s. Raises NothingRuns when every model was refused, or when no worker
-    has beaten for `no_worker_timeout` s (counted from the later of the wait's start and the last beat): the
-    jobs would sit queued for ever."""
+@dataclass(frozen=True)
+class Pace:
+    """How `wait` waits: it reads the run every `poll` s, gives up after `timeout` s (None: never) and tells
+    its status every `status_every` s."""
+    poll: float = 2.0
+    timeout: float | None = None
+    status_every: float = 30.0
+
+
+def wait(store: Store, run_id: str, home: Path | None = None, *, no_worker_timeout: float | None = None,
+         on_status=None, pace: Pace = Pace()) -> dict:
+    """The run's report once its jobs have ended (or the pace's timeout passed). `on_status(line)` hears what it
+    waits for, at once and every `pace.status_every` s. Raises NothingRuns when every model was refused, or when
+    no worker has beaten for `no_worker_timeout` s (counted from the later of the wait's start and the last beat):
+    the jobs would sit queued for ever."""
     start = time.time()
-    deadline = None if timeout is None else start + timeout
+    deadline = None if pace.timeout is None else start + pace.timeout
     said = None
     while True:
         rep = finalize(store, run_id, home)
@@ -241,7 +228,7 @@ def wait(store: Store, run_id: str, home: Path | None = None, poll: float = 2.0,
                               "was queued: the reasons are in the report", rep)
         if rep["state"] != "running" or (deadline and time.time() > deadline):
             return rep
-        now, beat = time.time(), last_worker_beat(store)
+        now, beat = time.time(), store.last_worker_beat()
         quiet = now - max(start, beat or 0.0)
         live = beat is not None and now - beat <= 3 * store.lease_seconds       # as the API counts workers alive
         if no_worker_timeout and quiet > no_worker_timeout:
@@ -249,31 +236,19 @@ def wait(store: Store, run_id: str, home: Path | None = None, poll: float = 2.0,
                               f"{quiet:.0f} s (--no-worker-timeout {no_worker_timeout:g}), so its jobs stay queued; "
                               "start `quantfarm serve` (with workers) or `quantfarm worker` on this store, then "
                               "follow the run with GET /v1/batches/RUN", rep)
-        if on_status is not None and (said is None or now - said >= status_every):
+        if on_status is not None and (said is None or now - said >= pace.status_every):
             on_status(status_line(rep, None if beat is None else now - beat, live, quiet))
             said = now
-        time.sleep(poll)
-
-
-def list_runs(store: Store, batch: str | None = None, limit: int = 20, offset: int = 0) -> tuple[list[dict], int]:
-    q = select(batch_runs.c.id, batch_runs.c.batch, batch_runs.c.slot, batch_runs.c.state, batch_runs.c.started_at,
-               batch_runs.c.finished_at, batch_runs.c.counts)
-    n = select(func.count()).select_from(batch_runs)
-    if batch is not None:
-        q, n = q.where(batch_runs.c.batch == batch), n.where(batch_runs.c.batch == batch)
-    with store.engine.connect() as c:
-        rows = [dict(r._mapping) for r in c.execute(q.order_by(batch_runs.c.started_at.desc()).limit(limit).offset(offset))]
-        return rows, c.execute(n).scalar_one()
+        time.sleep(pace.poll)
 
 
 def totals(store: Store) -> dict:
     """Sums over finished runs, for the Prometheus counters."""
     out = {"runs": 0, "built": 0, "skipped": 0, "failed": 0, "regressed": 0}
-    with store.engine.connect() as c:
-        for r in c.execute(select(batch_runs.c.counts).where(batch_runs.c.state == "done")):
-            out["runs"] += 1
-            for k in ("built", "skipped", "failed", "regressed"):
-                out[k] += (r.counts or {}).get(k, 0)
+    for counts in store.finished_batch_counts():
+        out["runs"] += 1
+        for k in ("built", "skipped", "failed", "regressed"):
+            out[k] += counts.get(k, 0)
     return out
 
 
@@ -312,12 +287,14 @@ class Scheduler(threading.Thread):
     ran it, older ones are skipped. A firing while the previous run's jobs still go on is
     recorded as skipped (state `overlap`), so runs never pile up. Firings are read in UTC."""
 
-    def __init__(self, store: Store, path, cron: str, *, pin, admit, home: Path | None = None, poll: float = 5.0):
+    POLL_SECONDS = 5.0          # how often running runs are finalized and the next firing looked for
+
+    def __init__(self, store: Store, path, cron: str, *, pin, admit, home: Path | None = None):
         super().__init__(daemon=True, name="batch-scheduler")
         from croniter import croniter
         if not croniter.is_valid(cron):
             raise SpecError(f"--cron {cron!r} is not a valid cron expression (five fields, e.g. '0 2 * * *')")
-        self.store, self.path, self.cron, self.home, self.poll = store, Path(path), cron, home, poll
+        self.store, self.path, self.cron, self.home = store, Path(path), cron, home
         self.pin, self.admit = pin, admit
         self.spec = load(self.path)                 # a bad file fails serve at start, not at 2 a.m.
         self.stopping = threading.Event()
@@ -329,18 +306,9 @@ class Scheduler(threading.Thread):
 
     def fire(self, when: float) -> str | None:
         slot = datetime.fromtimestamp(when, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-        with self.store.engine.connect() as c:
-            busy = c.execute(select(batch_runs.c.id).where(batch_runs.c.batch == self.spec.name,
-                                                           batch_runs.c.state == "running")).first()
-        if busy is not None and finalize(self.store, busy.id, self.home)["state"] == "running":
-            try:
-                with self.store.engine.begin() as c:
-                    c.execute(insert(batch_runs).values(id=uuid.uuid4().hex, batch=self.spec.name, slot=slot,
-                                                        state="overlap", started_at=time.time(),
-                                                        finished_at=time.time(),
-                                                        report={"reason": f"run {busy.id} was still going"}))
-            except IntegrityError:
-                pass
+        busy = next(iter(self.store.running_batch_run_ids(self.spec.name)), None)
+        if busy is not None and finalize(self.store, busy, self.home)["state"] == "running":
+            self.store.record_overlap(self.spec.name, slot, f"run {busy} was still going")
             return None
         try:
             spec = load(self.path)                  # the file as it is now
@@ -356,7 +324,7 @@ class Scheduler(threading.Thread):
         prev, nxt = self.slots(time.time())
         if not self._has_slot(prev):                 # the latest firing, if no process ran it: made up once
             self._guarded(prev)
-        while not self.stopping.wait(min(self.poll, max(0.0, nxt - time.time()))):
+        while not self.stopping.wait(min(self.POLL_SECONDS, max(0.0, nxt - time.time()))):
             self._finalize_running()
             if time.time() >= nxt:
                 self._guarded(nxt)
@@ -370,15 +338,11 @@ class Scheduler(threading.Thread):
 
     def _has_slot(self, when: float) -> bool:
         slot = datetime.fromtimestamp(when, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-        with self.store.engine.connect() as c:
-            return c.execute(select(batch_runs.c.id).where(batch_runs.c.batch == self.spec.name,
-                                                           batch_runs.c.slot == slot)).first() is not None
+        return self.store.has_batch_slot(self.spec.name, slot)
 
     def _finalize_running(self):
         try:
-            with self.store.engine.connect() as c:
-                ids = [r.id for r in c.execute(select(batch_runs.c.id).where(batch_runs.c.state == "running"))]
-            for i in ids:
+            for i in self.store.running_batch_run_ids():
                 finalize(self.store, i, self.home)
         except Exception as e:
             log.warning("finalizing batch runs failed: %s", e)

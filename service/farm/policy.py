@@ -139,7 +139,7 @@ def check_text_source(what: str, source: str, policy: Policy) -> None:
     """A calibration or evaluation text source as calibration.sources.classify reads it (the same function
     a job opens it with): named sources pass, files only under the data roots, Hub datasets only by id."""
     from calibration.sources import classify
-    from service.job.models import offline
+    from service.job.hub_source import offline
     kind, value = classify(source)                      # an unknown form or a Hub "id" that is a path: refused
     if kind == "hub" and offline("HF_DATASETS_OFFLINE"):
         raise CalibrationError(f"{what} {source!r}: this server works without the Hub (HF_HUB_OFFLINE), so it "

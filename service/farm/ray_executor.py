@@ -26,10 +26,12 @@ import shutil
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from .policy import Policy
 from .store import Store
+from .worker import JobRunner, WorkerSetup
 
 log = logging.getLogger("quantfarm.ray")
 LOOPBACK = ("127.0.0.1", "::1")
@@ -78,28 +80,28 @@ def cluster_token(address: str) -> None:
     os.environ["RAY_AUTH_MODE"] = "token"           # Ray never turns it on by itself for an explicit address
 
 
-def run_claimed(db_url: str, lease: float, job_id: str, worker: str, home: str, device: str, policy: Policy) -> str:
+def run_claimed(db_url: str, job_id: str, worker: str, setup: WorkerSetup) -> str:
     """The Ray task: run the job the dispatcher claimed for `worker` (on whichever node Ray chose)."""
     import ray
-
-    from .worker import run_job
-    store = Store(db_url, lease)
+    store = Store(db_url, setup.lease_seconds)
     job = store.get(job_id)
     if job is None or job["state"] != "running" or job["worker"] != worker:
         return "lost"                                  # requeued or cancelled while Ray was placing the task
     node = ray.get_runtime_context().get_node_id()
     store.add_event(job_id, "log", f"ray: running on node {node}", {"node": node})
-    return run_job(store, job, worker, Path(home), device, policy)
+    return JobRunner(store, worker, setup).run(job)
 
 
 class RayExecutor(threading.Thread):
     """Dispatches the store's queued jobs to Ray tasks; `start()`/`stop()` as the local Supervisor."""
 
     def __init__(self, db_url: str, home: Path, lease: float, policy: Policy, address: str = "auto",
-                 cpus_per_job: float = 1.0, poll: float = 0.5):
+                 cpus_per_job: float = 1.0):
+        """The tasks run with WorkerSetup(home, policy, lease) on the device `kind()` picks; the dispatcher polls
+        the queue at the setup's poll interval."""
         super().__init__(daemon=True, name="ray-dispatcher")
-        self.db_url, self.home, self.lease, self.policy = db_url, home, lease, policy
-        self.address, self.cpus_per_job, self.poll = address, cpus_per_job, poll
+        self.db_url, self.setup = db_url, WorkerSetup(Path(home), policy=policy, lease_seconds=lease)
+        self.address, self.cpus_per_job = address, cpus_per_job
         self.stopping = threading.Event()
         self.running: dict = {}                         # ObjectRef -> (job id, worker name)
         self.token: Path | None = None                  # a Ray of our own: its token file, beside its session
@@ -149,13 +151,13 @@ class RayExecutor(threading.Thread):
 
     def run(self):
         import ray
-        store = Store(self.db_url, self.lease)
+        store = Store(self.db_url, self.setup.lease_seconds)
         task = ray.remote(max_retries=0)(run_claimed)
         n, beat = 0, 0.0
         while not self.stopping.is_set():
             try:
                 self._collect(store)
-                if time.time() - beat > self.lease / 3:
+                if time.time() - beat > self.setup.lease_seconds / 3:
                     for job_id, worker in list(self.running.values()):
                         store.heartbeat(job_id, worker)
                     beat = time.time()
@@ -167,14 +169,14 @@ class RayExecutor(threading.Thread):
                         n += 1
                         memory = int(job["memory_gb"] * 2 ** 30) if job.get("memory_gb") else None
                         ref = task.options(**ask, **({"memory": memory} if memory else {})).remote(
-                            self.db_url, self.lease, job["id"], worker, str(self.home), device, self.policy)
+                            self.db_url, job["id"], worker, replace(self.setup, device=device))
                         self.running[ref] = (job["id"], worker)
                         store.add_event(job["id"], "log", f"ray: submitted as {worker} asking {ask}"
                                         + (f" and {job['memory_gb']:.1f} GB" if memory else ""))
                         continue                        # maybe room for another at once
             except Exception as e:                      # a database or Ray hiccup: try again next poll
                 log.warning("ray dispatcher: %s", e)
-            self.stopping.wait(self.poll)
+            self.stopping.wait(self.setup.poll_seconds)
 
     def _collect(self, store: Store):
         """Finished tasks out of the table; a failed task's job back to the queue as its next attempt."""

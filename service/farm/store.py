@@ -1,7 +1,8 @@
-"""The job store: jobs, their events and their artifacts in SQLAlchemy tables.
+"""The job store: jobs, their events and their artifacts in SQLAlchemy tables (tables.py); the queries on
+releases and batch runs are store_runs.py's, a mixin of `Store`.
 
 SQLite (WAL) is the embedded default, PostgreSQL the farm's shared store; the schema comes from the
-Alembic migrations in service/migrations, applied by `migrate`. Every state change is a
+Alembic migrations in service/farm/migrations, applied by `migrate`. Every state change is a
 conditional UPDATE (WHERE state = ... AND worker = ...), so concurrent workers and API processes
 never need row locks: whoever's update matches wins, the others see rowcount 0.
 
@@ -12,106 +13,17 @@ never need row locks: whoever's update matches wins, the others see rowcount 0.
 import os
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import (JSON, Boolean, Column, Float, ForeignKey, Integer, MetaData, String, Table, Text, create_engine,
-                        event, func, insert, select, update)
+from sqlalchemy import create_engine, event, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-metadata = MetaData()
-
-jobs = Table(
-    "jobs", metadata,
-    Column("id", String(32), primary_key=True),
-    Column("dedup_key", String(100), nullable=False, unique=True),   # recipe key, or recipe key + a nonce (force)
-    Column("recipe_key", String(64), nullable=False, index=True),
-    Column("model", String(300), nullable=False, index=True),
-    Column("revision", String(100)),
-    Column("spec", JSON, nullable=False),
-    Column("state", String(20), nullable=False, index=True),
-    Column("step", String(40)),
-    Column("layers_done", Integer, nullable=False, default=0),
-    Column("layers_total", Integer),
-    Column("priority", Integer, nullable=False, default=0),
-    Column("memory_gb", Float, nullable=False, default=0.0),
-    Column("attempt", Integer, nullable=False, default=1),
-    Column("max_attempts", Integer, nullable=False, default=3),
-    Column("worker", String(200)),
-    Column("lease_expires", Float),
-    Column("cancel_requested", Boolean, nullable=False, default=False),
-    Column("error", Text),
-    Column("result", JSON),
-    Column("submitted_by", String(100)),
-    Column("created_at", Float, nullable=False),
-    Column("started_at", Float),
-    Column("finished_at", Float),
-)
-
-events = Table(
-    "events", metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("job_id", String(32), ForeignKey("jobs.id"), nullable=False, index=True),
-    Column("ts", Float, nullable=False),
-    Column("kind", String(20), nullable=False),      # state | step | layer | log
-    Column("message", Text, nullable=False),
-    Column("data", JSON),
-)
-
-artifacts = Table(
-    "artifacts", metadata,
-    Column("id", String(32), primary_key=True),
-    Column("job_id", String(32), ForeignKey("jobs.id"), nullable=False, index=True),
-    Column("path", Text, nullable=False),
-    Column("format", String(40), nullable=False),
-    Column("size_bytes", Integer, nullable=False),
-    Column("published", Boolean, nullable=False),
-    Column("created_at", Float, nullable=False),
-)
-
-workers = Table(
-    "workers", metadata,
-    Column("id", String(200), primary_key=True),
-    Column("device", String(40), nullable=False),
-    Column("memory_gb", Float, nullable=False),        # what a job may use there (GPU memory, or host memory)
-    Column("seen_at", Float, nullable=False, index=True),
-)
-
-batch_runs = Table(
-    "batch_runs", metadata,
-    Column("id", String(32), primary_key=True),
-    Column("batch", String(200), nullable=False),
-    Column("slot", String(64), nullable=False),
-    Column("state", String(20), nullable=False),
-    Column("started_at", Float, nullable=False),
-    Column("finished_at", Float),
-    Column("counts", JSON),
-    Column("report", JSON),
-)
-
-releases = Table(
-    "releases", metadata,
-    Column("id", String(32), primary_key=True),
-    Column("model", String(300), nullable=False, index=True),
-    Column("revision", String(100), nullable=False),
-    Column("spec", JSON, nullable=False),
-    Column("submitted_by", String(100)),
-    Column("batch_run", String(32), ForeignKey("batch_runs.id")),
-    Column("created_at", Float, nullable=False),
-)
-
-release_jobs = Table(
-    "release_jobs", metadata,
-    Column("release_id", String(32), ForeignKey("releases.id"), primary_key=True),
-    Column("variant", String(64), primary_key=True),
-    Column("position", Integer, nullable=False),
-    Column("job_id", String(32), ForeignKey("jobs.id"), nullable=False),
-    Column("note", Text),
-    Column("reused", Boolean, nullable=False),
-)
-
-TERMINAL = ("succeeded", "failed", "failed_quality", "publish_failed", "cancelled")
-STATES = ("queued", "running") + TERMINAL
-RESUBMITTABLE = ("failed", "cancelled")      # the same recipe submitted again makes a new job
+from .store_runs import ReleaseAndBatchQueries, Submitter
+# the tables are re-exported here: the migrations (metadata) and callers name them from the store
+from .tables import (RESUBMITTABLE, STATES, TERMINAL, artifacts, batch_runs, events, jobs, metadata,  # noqa: F401
+                     release_jobs, releases, workers)
+from .tables import as_dict as _row
 
 
 def private_sqlite_file(path: Path) -> None:
@@ -147,8 +59,9 @@ def make_engine(url: str):
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=30)
 
 
-def migrate(engine):
-    """Bring the schema to the latest Alembic revision (idempotent; safe from several processes)."""
+def migrate(engine, to: str = "head"):
+    """Bring the schema to the latest Alembic revision, or to revision `to` (idempotent; safe from several
+    processes)."""
     import logging
 
     from alembic import command
@@ -160,14 +73,29 @@ def migrate(engine):
         if conn.dialect.name == "postgresql":     # one migrator at a time across processes
             conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7316)")
         cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "head")
+        command.upgrade(cfg, to)
 
 
-def _row(r) -> dict | None:
-    return None if r is None else dict(r._mapping)
+@dataclass(frozen=True)
+class Submission:
+    """A job to queue, apart from its spec: its recipe key at the pinned revision (two jobs with the same key
+    make the same artifact) and its terms in the queue."""
+    recipe_key: str
+    model: str
+    revision: str | None
+    priority: int = 0
+    memory_gb: float = 0.0
+    max_attempts: int = 3
+    submitted_by: str | None = None
+
+    @classmethod
+    def of(cls, spec, admitted, submitter: Submitter) -> "Submission":
+        """An admitted JobSpec's submission (`admitted`: admission.Admitted, its pinned revision and memory)."""
+        return cls(spec.recipe_key(admitted.revision), spec.model, admitted.revision, priority=spec.priority,
+                   memory_gb=admitted.memory_gb, max_attempts=submitter.max_attempts, submitted_by=submitter.name)
 
 
-class Store:
+class Store(ReleaseAndBatchQueries):
     def __init__(self, url: str, lease_seconds: float = 30.0):
         self.url = url
         self.engine = make_engine(url)
@@ -175,22 +103,23 @@ class Store:
 
     # ---- submission and queries ----------------------------------------------------------------
 
-    def submit(self, spec: dict, recipe_key: str, model: str, revision: str | None, *, priority: int = 0,
-               memory_gb: float = 0.0, max_attempts: int = 3, submitted_by: str | None = None,
-               force: bool = False) -> tuple[dict, bool]:
+    def queue(self, spec: dict, job: Submission, force: bool = False) -> tuple[dict, bool]:
         """Store a job unless one with the same recipe exists; returns (job, created). A failed or cancelled
-        job does not hold its recipe: it is retired (its dedup key gets its id appended) and a new job made."""
+        job does not hold its recipe: it is retired (its dedup key gets its id appended) and a new job made.
+        `force`: a new job whatever exists (its dedup key is made unique)."""
+        recipe_key = job.recipe_key
         for _ in range(5):
             now = time.time()
             job_id = uuid.uuid4().hex
             dedup = f"{recipe_key}:{job_id}" if force else recipe_key
-            row = dict(id=job_id, dedup_key=dedup, recipe_key=recipe_key, model=model, revision=revision, spec=spec,
-                       state="queued", step=None, layers_done=0, priority=priority, memory_gb=memory_gb, attempt=1,
-                       max_attempts=max_attempts, cancel_requested=False, submitted_by=submitted_by, created_at=now)
+            row = dict(id=job_id, dedup_key=dedup, recipe_key=recipe_key, model=job.model, revision=job.revision,
+                       spec=spec, state="queued", step=None, layers_done=0, priority=job.priority,
+                       memory_gb=job.memory_gb, attempt=1, max_attempts=job.max_attempts, cancel_requested=False,
+                       submitted_by=job.submitted_by, created_at=now)
             try:
                 with self.engine.begin() as c:
                     c.execute(insert(jobs).values(**row))
-                    self._event(c, job_id, "state", "queued", {"priority": priority})
+                    self._event(c, job_id, "state", "queued", {"priority": job.priority})
                 return self.get(job_id), True
             except IntegrityError:
                 with self.engine.connect() as c:
@@ -205,6 +134,11 @@ class Store:
                         dedup_key=f"{recipe_key}:{existing['id']}")).rowcount:
                     self._event(c, existing["id"], "log", "the same recipe was submitted again: a new job runs it")
         raise RuntimeError(f"recipe {recipe_key} kept changing hands during submission")    # 5 lost races
+
+    def submit(self, spec: dict, recipe_key: str, model: str, revision: str | None, **terms) -> tuple[dict, bool]:
+        """`queue` with the submission written out (scripts, tests); `terms`: Submission's priority,
+        memory_gb, max_attempts and submitted_by, by name."""
+        return self.queue(spec, Submission(recipe_key, model, revision, **terms))
 
     def get(self, job_id: str) -> dict | None:
         with self.engine.connect() as c:
@@ -367,6 +301,11 @@ class Store:
         with self.engine.connect() as c:
             return c.execute(select(func.max(workers.c.memory_gb))
                              .where(workers.c.seen_at > time.time() - within_seconds)).scalar()
+
+    def last_worker_beat(self) -> float | None:
+        """When a worker (serve's, or a `quantfarm worker` on the store) last said it was alive; None: never."""
+        with self.engine.connect() as c:
+            return c.execute(select(func.max(workers.c.seen_at))).scalar()
 
     def latest_event_id(self) -> int:
         with self.engine.connect() as c:

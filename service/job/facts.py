@@ -11,7 +11,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from . import preflight
-from .models import ResolvedModel
+from .sources import ResolvedModel
 
 log = logging.getLogger("quantfarm.facts")
 
@@ -20,7 +20,7 @@ log = logging.getLogger("quantfarm.facts")
 class ModelFacts:
     hidden: int
     intermediate: int
-    shapes: frozenset          # (in, out) of every Linear the driver quantizes
+    shapes: frozenset          # (in, out) of every Linear the layer walk quantizes
     meta_model: object         # the model on the meta device: shapes and parameter counts, no weights
 
     @property

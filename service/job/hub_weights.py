@@ -1,45 +1,18 @@
 """A Hub model's weights as a step of their own: resolving with weights=False pins the repo and fetches its
-config, tokenizer and index files (service/job/models.py); the weight files are then `pending`, and the
+config, tokenizer and index files (service/job/hub_source.py); the weight files are then `pending`, and the
 worker (or the CLI's own process) fetches them here after the checks their config answers, with room on
 disk checked first, progress steps and cancel. Admission never waits for a 20 GB shard.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from core.errors import ModelSourceError
 
-if TYPE_CHECKING:
-    from .models import ResolvedModel
-
-
-@dataclass(frozen=True)
-class Weights:
-    """A Hub model's weight files that resolving with weights=False left unfetched: admission reads a model's
-    config and index only, and the worker fetches these (fetch_weights) after its checks."""
-    repo_id: str
-    files: tuple[tuple[str, int | None], ...]     # (file name, bytes as the Hub lists it; None: not listed)
-    cache_dir: str | None
-    endpoint: str
-
-    @property
-    def nbytes(self) -> int:
-        return sum(size or 0 for _, size in self.files)
-
-
-def sizes_from_index(index: Path, files: tuple) -> tuple:
-    """The index's metadata.total_size spread over its shards when the Hub listed no sizes (a mirror that
-    answers without file metadata): the total is what the disk check needs."""
-    try:
-        total = int(json.loads(index.read_text(encoding="utf-8")).get("metadata", {}).get("total_size") or 0)
-    except (OSError, ValueError, TypeError, AttributeError):
-        return files
-    return tuple((n, total // len(files)) for n, _ in files) if total else files
+from .hub_source import connection_errors, hub_error, offline
+from .sources import ResolvedModel, inspect_dir
 
 
 def fetch_weights(src: ResolvedModel, on_step=None, should_stop=None) -> ResolvedModel:
@@ -54,7 +27,6 @@ def fetch_weights(src: ResolvedModel, on_step=None, should_stop=None) -> Resolve
     from huggingface_hub.errors import HfHubHTTPError
 
     from . import storage
-    from .models import _connection_errors, _hub_error, _inspect_dir, offline
     folder, where = Path(src.path), f"Hub model {w.repo_id}@{src.revision}"
     missing = [(n, size) for n, size in w.files if not (folder / n).is_file()]
     if missing and offline():
@@ -70,12 +42,12 @@ def fetch_weights(src: ResolvedModel, on_step=None, should_stop=None) -> Resolve
             hf_hub_download(w.repo_id, name, revision=src.revision, cache_dir=w.cache_dir, endpoint=w.endpoint,
                             tqdm_class=_progress_bar(label, on_step or _noop, should_stop))
         except HfHubHTTPError as e:
-            raise _hub_error(e, w.repo_id, src.revision, w.endpoint) from e
-        except _connection_errors() as e:
+            raise hub_error(e, w.repo_id, src.revision, w.endpoint) from e
+        except connection_errors() as e:
             raise ModelSourceError(f"cannot reach the Hugging Face Hub at {w.endpoint} to fetch {name} of {where} "
                                    f"({type(e).__name__}); check the network or HF_ENDPOINT and retry") from e
     # What is on disk now, checked like a local folder: catches partial snapshots (missing shards).
-    _inspect_dir(folder, where, allow_pickle=src.allow_pickle, trust_remote_code=src.trust_remote_code)
+    inspect_dir(folder, where, allow_pickle=src.allow_pickle, trust_remote_code=src.trust_remote_code)
     return dataclasses.replace(src, pending=None)
 
 

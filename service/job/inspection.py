@@ -62,54 +62,12 @@ def coverage_of(headers: dict, shapes: dict[str, tuple[int, int]]) -> dict:
             "routers": sorted(routers)}
 
 
-def gguf_files(path: Path) -> list[Path]:
-    if path.suffix == ".gguf":
-        return [path]
-    return sorted(p for p in path.glob("*.gguf") if p.name != "imatrix.gguf") if path.is_dir() else []
-
-
-def describe_gguf(files: list[Path]) -> dict:
-    """A GGUF artifact (one file, or a folder of them: sizes or shards) from its own metadata and tensor types."""
-    from quantizers.formats.gguf import file_summary
-    out = {"artifact": str(files[0].parent.resolve()), "format": "gguf", "files": []}
-    for f in files:
-        s = file_summary(f)
-        meta, arch = s["meta"], s["meta"].get("general.architecture")
-        out["files"].append({
-            "file": f.name, "bytes": f.stat().st_size, "architecture": arch, "name": meta.get("general.name"),
-            "file_type": meta.get("general.file_type"), "layers": meta.get(f"{arch}.block_count"),
-            "hidden_size": meta.get(f"{arch}.embedding_length"), "split": meta.get("split.count"),
-            "tensors": s["tensors"], "types": s["types"], "bits_per_weight": s["bits_per_weight"]["overall"],
-            "quantization_version": meta.get("general.quantization_version")})
-    rep = files[0].parent / "report.json"
-    if rep.is_file():
-        r = json.loads(rep.read_text())
-        out["report"] = {"llama_cpp": r.get("llama_cpp"), "recovery": (r.get("evaluation") or {}).get("recovery"),
-                         "settings": r.get("settings")}
-    return out
-
-
-def render_gguf(d: dict) -> str:
-    mb = 2 ** 20
-    lines = [f"artifact     {d['artifact']}"]
-    for f in d["files"]:
-        lines += [f"file         {f['file']}: {f['bytes'] / mb:.1f} MiB, {f['bits_per_weight']:.2f} bits per weight, "
-                  f"{f['tensors']} tensors" + (f" (one of {f['split']} shards)" if f.get("split") else ""),
-                  f"model        {f['architecture']} ({f['name']}), {f['layers']} layers, hidden {f['hidden_size']}",
-                  "types        " + ", ".join(f"{k} {n}" for k, n in sorted(f["types"].items(), key=lambda x: -x[1]))]
-    lc = (d.get("report") or {}).get("llama_cpp")
-    if lc:
-        q = lc["quantized"]
-        lines.append(f"llama.cpp    perplexity {q['perplexity']:.4f} (F16 {lc['fp16']['perplexity']:.4f}), "
-                     f"KLD {q.get('kld', float('nan')):.5f}")
-    return "\n".join(lines)
-
-
 def describe(path) -> dict:
     folder = Path(path)
-    files = gguf_files(folder)
-    if files and not (folder / "config.json").is_file():
-        return describe_gguf(files)
+    for fmt in formats.FORMATS.values():           # a format whose files `inspect` reads itself (GGUF)
+        files = fmt.artifact_files(folder)
+        if files:
+            return fmt.describe_files(files)
     qc = read_quant_config(folder)
     config = json.loads((folder / "config.json").read_text())
     headers = _headers(folder)
@@ -140,8 +98,9 @@ def describe(path) -> dict:
 
 
 def render(d: dict) -> str:
-    if d["format"] == "gguf":
-        return render_gguf(d)
+    own = formats.get(d["format"]).render(d)
+    if own is not None:
+        return own
     s, mb = d["settings"], 2 ** 20
     lines = [f"artifact     {d['artifact']}",
              f"format       {d['format']} {s['bits']}-bit g{s['group_size']} {'sym' if s['sym'] else 'asym'}"

@@ -1,5 +1,5 @@
 """Preflight: before any GPU time, can these settings be written for this model's Linear shapes,
-and which runtime paths will load the result (FORMATS.md lists the constraints)?
+and which runtime paths will load the result (../shared/FORMATS.md lists the constraints)?
 
 Unwritable combinations are refused with every reason at once; runtime verdicts are advice
 (reported by the job, `quantize` and `inspect`), since an artifact may be meant for one runtime only.
@@ -22,6 +22,11 @@ class Target:
     algorithm: str
     scheme: Scheme
     moe: bool = False        # the model has mixture-of-experts layers (per-expert weights)
+
+    @classmethod
+    def of(cls, spec, model) -> "Target":
+        """What a job of `spec` makes of `model` (loaded, or built from its config on the meta device)."""
+        return cls(spec.format, spec.algorithm, spec.scheme(), is_moe(model))
 
     def as_dict(self) -> dict:
         """The flat form reports, `inspect` and the API show."""
@@ -72,6 +77,12 @@ def runtime_notes(v: dict) -> list[str]:
 def coverage_line(fraction: float, *extras: str) -> str:
     """How much of the decoder layers' weights is quantized, as `quantize` and `inspect` print it."""
     return f"{100 * fraction:.1f}% of the decoder layers' weight matrices quantized" + "".join(extras)
+
+
+def is_moe(model) -> bool:
+    """Per-expert weights: unfused expert Linears (names with .experts.N.) or fused experts modules."""
+    from quantizers.moe import has_experts, is_fused_experts
+    return has_experts(n for n, _ in model.named_modules()) or any(is_fused_experts(m) for m in model.modules())
 
 
 def model_shapes(model) -> set[tuple[int, int]]:

@@ -16,15 +16,15 @@ import importlib.util
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.errors import ArtifactError, PublishError, SpecError
-from service.job.publish_files import (MANIFEST, artifact_identity, is_published, model_name, name_part, publish_fsspec,
-                                       same_recipe, who)
+from service.job.publish_files import (MANIFEST, Upload, artifact_identity, is_published, model_name, name_part,
+                                       publish_fsspec, same_recipe, who)
 from service.job.storage import is_artifact
 
-__all__ = ["MANIFEST", "HubSettings", "Target", "is_published", "parse_target", "publish", "publish_each"]
+__all__ = ["MANIFEST", "Destination", "HubSettings", "is_published", "parse_target", "publish", "publish_each"]
 
 # fsspec protocols that cannot take writes, or that are a transport rather than a place
 _NOT_WRITABLE = {"http", "https"}
@@ -32,11 +32,15 @@ _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 
 
 @dataclass(frozen=True)
-class Target:
-    """Where an artifact goes: kind is "local", "hub" (org None: the server's configured org) or "fsspec"."""
+class Destination:
+    """Where an artifact goes (parse_target's reading of a publish target): kind is "local", "hub" (org None: the
+    server's configured org) or "fsspec"; with the credentials for that place, which are the server's (`hub`:
+    None reads HubSettings.from_env(); `options`: the fsspec storage options) and not part of its identity."""
     kind: str
     url: str | None = None
     org: str | None = None
+    hub: HubSettings | None = field(default=None, compare=False, repr=False)
+    options: dict | None = field(default=None, compare=False, repr=False)
 
     @property
     def protocol(self) -> str | None:
@@ -48,12 +52,12 @@ class Target:
         return self.url if self.kind == "fsspec" else "local"
 
 
-def parse_target(text: str, *, allow_urls: bool) -> Target:
+def parse_target(text: str, *, allow_urls: bool) -> Destination:
     """Parse `local`, `hub`, `hub:ORG` or an fsspec URL. allow_urls=False (API submitters, who are not trusted to
     pick destinations) accepts only `local` and `hub`, whose destination the administrator configured."""
     text = (text or "").strip()
     if text in ("", "local"):
-        return Target("local")
+        return Destination("local")
     if text == "hub" or text.startswith("hub:"):
         org = text[4:].strip() or None
         if org is not None:
@@ -62,7 +66,7 @@ def parse_target(text: str, *, allow_urls: bool) -> Target:
                                 "(the org the server is configured with)")
             if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", org):
                 raise SpecError(f"publish target {text!r}: {org!r} is not a valid Hub org name")
-        return Target("hub", org=org)
+        return Destination("hub", org=org)
     if "://" not in text:
         raise SpecError(f"unknown publish target {text!r}: use 'local', 'hub', 'hub:ORG' or a URL such as "
                         "file:///abs/path or s3://bucket/prefix")
@@ -77,7 +81,7 @@ def parse_target(text: str, *, allow_urls: bool) -> Target:
         raise SpecError(f"publish target {text!r}: a file URL needs an absolute path (file:///abs/path)")
     if not rest.strip("/"):
         raise SpecError(f"publish target {text!r} names no bucket or folder")
-    return Target("fsspec", url=text.rstrip("/"))
+    return Destination("fsspec", url=text.rstrip("/"))
 
 
 def _check_protocol(protocol: str, text: str) -> None:
@@ -151,9 +155,9 @@ def _artifact_files(folder: Path) -> list[tuple[str, Path]]:
     return [(rel, p) for rel, p in files if rel != MANIFEST]
 
 
-def publish(folder, target: Target | str, *, name: str, hub: HubSettings | None = None,
-            storage_options: dict | None = None, model: str | None = None, replace: bool = False) -> dict:
-    """Publish the artifact `folder` as `name` to `target` (a string is parsed as trusted configuration).
+def publish(folder, target: Destination | str, *, name: str, model: str | None = None, replace: bool = False) -> dict:
+    """Publish the artifact `folder` as `name` to `target` (a string is parsed as trusted configuration, with
+    the server's Hub settings and no storage options).
     Returns {"target", "url", "status", "files", "bytes", "commit", "seconds"}, status "published", "replaced"
     or "unchanged" (the same files were there: nothing copied); raises SpecError / ArtifactError for what is
     wrong before any upload, PublishError when the destination holds another artifact (unless `replace`, the
@@ -165,15 +169,15 @@ def publish(folder, target: Target | str, *, name: str, hub: HubSettings | None 
     files = _artifact_files(folder)
     total = sum(p.stat().st_size for _, p in files)
     record = {"target": str(target), "files": len(files), "bytes": total, "commit": None}
-    identity = artifact_identity(folder, model)
+    up = Upload(folder, files, name, artifact_identity(folder, model), replace)
     if target.kind == "local":
         record.update(url=folder.as_uri(), status="kept")
     elif target.kind == "hub":
-        record.update(_publish_hub(folder, target, name, hub, model or identity["source"], identity, replace))
+        record.update(_publish_hub(up, target, model or up.identity["source"]))
     else:
         if not _NAME_OK.match(name or "") or ".." in name:
             raise SpecError(f"publish name {name!r}: use letters, digits, '.', '_' and '-' (one path component)")
-        record.update(publish_fsspec(folder, files, target.url, name, storage_options or {}, identity, replace))
+        record.update(publish_fsspec(up, target.url, target.options or {}))
     record["seconds"] = round(time.perf_counter() - t0, 3)
     return record
 
@@ -203,14 +207,14 @@ def _hub_occupant(api, repo_id: str) -> dict | None:
         return artifact_identity(Path(tmp))
 
 
-def _publish_hub(folder: Path, target: Target, name: str, hub: HubSettings | None, model: str,
-                 identity: dict, replace: bool = False) -> dict:
+def _publish_hub(up: Upload, target: Destination, model: str) -> dict:
     """One create_repo and one upload_folder commit; the commit mirrors the folder (delete_patterns="*"), so a
     republish with fewer shards leaves none of the old ones. The repo's name holds the model's last name part
     and the variant, so two sources of one name (org1/llama, org2/llama) can meet in one repo: a repo that holds
     another source's or recipe's artifact is refused unless `replace`. The commit message carries the source's
     revision and the recipe key."""
-    hub = hub or HubSettings()
+    folder, name, identity, replace = up.folder, up.name, up.identity, up.replace
+    hub = target.hub or HubSettings.from_env()
     if not hub.token:
         raise SpecError("Hub publishing needs a token: set HF_TOKEN on the server (a token with write access)")
     repo_id = hub_repo_id(hub, model, name, target.org)
@@ -256,7 +260,7 @@ def _publish_hub(folder: Path, target: Target, name: str, hub: HubSettings | Non
 
 def publish_each(folder, spec, targets: list, on_start=lambda entry: None,
                  replace: bool = False) -> tuple[list, list, str | None]:
-    """Publish the artifact of `spec` (a JobSpec) to each (entry, Target) in turn, `local` skipped (the
+    """Publish the artifact of `spec` (a JobSpec) to each (entry, Destination) in turn, `local` skipped (the
     artifact is there already). Returns (records, the entries not published, why): a failure stops at that
     target, so publishing again later goes on from there. `replace` (the operator's setting, never the spec's)
     lets it overwrite another artifact's folder."""
@@ -266,8 +270,7 @@ def publish_each(folder, spec, targets: list, on_start=lambda entry: None,
             continue
         on_start(entry)
         try:
-            rec = publish(folder, target, name=spec.label(), hub=HubSettings.from_env(), model=spec.model,
-                          replace=replace)
+            rec = publish(folder, target, name=spec.label(), model=spec.model, replace=replace)
         except (PublishError, SpecError, ArtifactError) as e:
             return done, [x for x, _ in targets[i:]], f"publishing to {entry} failed: {e}"
         done.append({**rec, "entry": entry})

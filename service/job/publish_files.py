@@ -30,6 +30,7 @@ import re
 import shutil
 import uuid
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -105,13 +106,25 @@ def filesystem(url: str, storage_options: dict):
         raise SpecError(f"cannot publish to {url}: invalid storage options ({e})") from e
 
 
-def publish_fsspec(folder: Path, files: list[tuple[str, Path]], url: str, name: str, storage_options: dict,
-                   identity: dict, replace: bool = False) -> dict:
-    """Copy `files` of `folder` to URL/MODEL-REV/NAME. Returns {"url", "status"}, status "published",
+@dataclass(frozen=True)
+class Upload:
+    """One artifact going out: its folder and files (relative name, path), the name it is published as, whose
+    artifact it is (artifact_identity: what a manifest or a commit records), and whether another artifact
+    found where it goes may be replaced (the operator's choice, never a submitter's)."""
+    folder: Path
+    files: list
+    name: str
+    identity: dict
+    replace: bool = False
+
+
+def publish_fsspec(up: Upload, url: str, storage_options: dict) -> dict:
+    """Copy the upload's files to URL/MODEL-REV/NAME. Returns {"url", "status"}, status "published",
     "replaced" or "unchanged"; PublishError when the folder there holds another artifact (and not `replace`)
     or when the copy fails (nothing there is then marked published by a manifest of ours)."""
     from fsspec.implementations.local import LocalFileSystem
 
+    folder, files, name, identity = up.folder, up.files, up.name, up.identity
     fs, root = filesystem(url, storage_options)
     entries = [{"path": rel, "size": p.stat().st_size, "sha256": sha256(p)} for rel, p in files]
     where = f"{published_dir(identity, entries)}/{name}"
@@ -123,7 +136,7 @@ def publish_fsspec(folder: Path, files: list[tuple[str, Path]], url: str, name: 
     done: list[str] = []
 
     def verdict():
-        return _verdict(fs, dest, dest_url, folder, identity, entries, replace, local)
+        return _verdict(fs, dest, up, entries)
 
     try:
         status, old = verdict()
@@ -143,10 +156,13 @@ def publish_fsspec(folder: Path, files: list[tuple[str, Path]], url: str, name: 
     return {"url": dest_url, "status": status}
 
 
-def _verdict(fs, dest: str, dest_url: str, folder, identity: dict, entries: list, replace: bool,
-             local: bool) -> tuple[str, dict | None]:
+def _verdict(fs, dest: str, up: Upload, entries: list) -> tuple[str, dict | None]:
     """(status, the manifest there): "published" (nothing there), "unchanged" (these files, complete),
     "replaced" (the same recipe rebuilt, or `replace`); another artifact's folder is refused."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    folder, identity, replace = up.folder, up.identity, up.replace
+    dest_url, local = fs.unstrip_protocol(dest), isinstance(fs, LocalFileSystem)
     old = _read_manifest(fs, dest)
     how = (f"Publish it under another name (--name, a spec's `name`), or replace that folder on purpose: "
            f"`quantfarm publish {folder} --to TARGET --replace`, or on a farm the server's `serve --publish-replace`")

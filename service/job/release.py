@@ -8,18 +8,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from core.errors import SpecError
 from evaluation.suite import Evaluation
-from quantizers.scheme import ActOrder
-
+from quantizers import formats
 from quantizers.formats.gguf import PRESET as GGUF_PRESET
 
-from .spec import Calibration, JobSpec, _no_nul, check_merge, check_targets, local_targets, settings_label
+from .context import JobContext
+from .spec import Calibration, JobSpec, WeightSettings, _no_nul, check_merge, check_targets, local_targets
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 MAX_VARIANTS = 32
 
-# What a variant may set; everything else (model, calibration, evaluation, publishing) is the release's.
-VARIANT_FIELDS = ("algorithm", "format", "bits", "group_size", "sym", "act_order", "true_sequential", "damp_percent",
-                  "keep", "gguf_type", "imatrix")
+# What a variant may set (the weight settings and the tables' knobs); everything else (model, calibration,
+# evaluation, publishing) is the release's.
+VARIANT_FIELDS = tuple(WeightSettings.model_fields)
 
 
 def _v(name, algorithm, fmt, bits, group_size, **kw) -> dict:
@@ -45,25 +45,11 @@ PRESETS = {
 }
 
 
-class Variant(BaseModel):
-    """One artifact of a release: the weight settings, the rest from the release."""
+class Variant(WeightSettings):
+    """One artifact of a release: the weight settings (checked against the tables as a job's are), the rest
+    from the release."""
     model_config = ConfigDict(extra="forbid")
     name: str | None = Field(None, pattern=NAME, description="folder and repo suffix; default from the settings")
-    algorithm: str = "gptq"
-    format: str = "gptq"
-    bits: int = 4
-    group_size: int = 128
-    sym: bool | None = None
-    act_order: ActOrder = ActOrder.STATIC
-    true_sequential: bool = True
-    damp_percent: float = 0.01
-    keep: list[str] = Field([], max_length=64)
-    gguf_type: str | None = Field(None, max_length=16, description="format gguf: the llama-quantize type")
-    imatrix: str = Field("quantfarm", max_length=16, description="format gguf: quantfarm | llama | none")
-
-    def label(self) -> str:
-        return self.name or settings_label(self.algorithm, self.format, self.bits, self.group_size, self.sym,
-                                           self.gguf_type)
 
 
 class ReleaseSpec(BaseModel):
@@ -88,6 +74,20 @@ class ReleaseSpec(BaseModel):
     def _refuse_nul(cls, data):
         _no_nul(data)
         return data
+
+    @field_validator("variants", mode="wrap")
+    @classmethod
+    def _name_the_variant(cls, value, handler):
+        """A variant the tables refuse is named in the error as variants[i] (its label), as a job's would be."""
+        try:
+            return handler(value)
+        except ValidationError as e:
+            err = e.errors()[0]
+            if len(err["loc"]) != 1 or not isinstance(err["loc"][0], int) or not isinstance(value[err["loc"][0]], dict):
+                raise                                   # a field's own error keeps pydantic's location
+            i = err["loc"][0]
+            raise ValueError(f"variants[{i}] ({Variant.model_construct(**value[i]).label()}): "
+                             f"{err['msg'].removeprefix('Value error, ')}") from None
 
     @field_validator("publish")
     @classmethod
@@ -134,7 +134,8 @@ class ReleaseSpec(BaseModel):
         for d in PRESETS[self.preset]:
             v, note = Variant.model_validate(d), None
             g = v.group_size
-            if v.format != "gguf" and input_widths and g > 0 and any(w % g for w in input_widths):
+            grouped = "group_size" not in formats.get(v.format).ignores
+            if grouped and input_widths and g > 0 and any(w % g for w in input_widths):
                 fit = next((c for c in (g // 2 ** k for k in range(1, 8)) if c >= 16 and not any(w % c for w in input_widths)), None)
                 if fit is None:
                     note = f"group {g} is ragged on input widths {sorted(input_widths)} and no group of 16 or more fits; kept"
@@ -193,11 +194,13 @@ def input_widths(src) -> set[int] | None:
     return None if facts is None else {i for i, _ in facts.shapes}
 
 
-def run(rs: ReleaseSpec, out_root, *, device: str = "auto", cache_dir=None, overwrite: bool = False,
-        on_variant=lambda name, i, n: None, **callbacks) -> dict:
-    """Every variant in this process, one after another, sharing what does not depend on the variant;
-    a variant that fails is recorded and the next one runs. Writes the release summary into `out_root`
-    (one folder per variant beside it) and returns it."""
+def run(rs: ReleaseSpec, ctx, on_variant=lambda name, i, n: None, **settings) -> dict:
+    """Every variant in this process, one after another, sharing what does not depend on the variant (the
+    context's Shared); a variant that fails is recorded and the next one runs. Writes the release summary
+    into ctx.out_dir (one folder per variant inside it) and returns it. `ctx`: a JobContext, or the
+    release's folder with JobContext's other fields as keywords."""
+    ctx = ctx if isinstance(ctx, JobContext) else JobContext(ctx, **settings)
+    import dataclasses
     from pathlib import Path
 
     from core.errors import QuantfarmError
@@ -205,25 +208,22 @@ def run(rs: ReleaseSpec, out_root, *, device: str = "auto", cache_dir=None, over
 
     from . import pipeline, publish, storage
     from .merge import resolve_source
-    from .shared import Shared
 
-    out_root = Path(out_root)
+    out_root, shared = Path(ctx.out_dir), ctx.shared
     storage.check_writable(out_root / "release.json")
     targets = local_targets(rs.publish)
     src = resolve_source(rs, build_merge=False, weights=False)     # weights: by the first job, after its checks
     revision = src.revision or src.content_hash
-    shared = Shared()               # the variants' jobs name the pinned revision: they find the source resolved
-    jobs = rs.jobs(revision, input_widths(src))
+    jobs = rs.jobs(revision, input_widths(src))     # at the pinned revision: they find the source resolved
     if src.merge is None:
         shared.put("resolve", pipeline.resolve_key(jobs[0][1], None), src)
     for _name, job, _note in jobs:                     # every variant's folder is checked before the first runs
-        storage.check_replaceable(out_root / _name, overwrite)
+        storage.check_replaceable(out_root / _name, ctx.overwrite)
     rows = []
     for i, (name, job, note) in enumerate(jobs):
         on_variant(name, i, len(jobs))
         try:
-            r = pipeline.run(job, out_root / name, device=device, overwrite=overwrite, cache_dir=cache_dir,
-                             shared=shared, **callbacks)
+            r = pipeline.run(job, dataclasses.replace(ctx, out_dir=out_root / name))
         except QuantfarmError as e:
             rows.append(release_report.row(name, "failed", None, error=str(e), note=note))
             continue

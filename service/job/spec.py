@@ -7,13 +7,12 @@ import json
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 from evaluation.suite import PATH_MAX, Evaluation
 from quantizers.algorithms import ALGORITHMS
 from quantizers.config import QuantConfig
 from quantizers.formats import FORMATS
-from quantizers.formats import gguf as gguf_format
 from quantizers.scheme import ActOrder, Scheme
 
 
@@ -38,23 +37,6 @@ def _no_nul(value, where: str = ""):
         for i, v in enumerate(value[:100]):
             _no_nul(v, f"{where}[{i}]")
 
-
-def settings_label(algorithm: str, fmt: str, bits: int, group_size: int, sym: bool | None,
-                   gguf_type: str | None = None) -> str:
-    """A name from the weight settings: gptq-w4-g128, gptq-compressed-tensors-w8-pc, rtn-gptq-w4-g64-asym,
-    gguf-q4_k_m."""
-    if fmt == "gguf":
-        return f"gguf-{(gguf_type or DEFAULT_GGUF_TYPE).lower()}"
-    g = "pc" if group_size == -1 else f"g{group_size}"
-    fmt = "" if fmt == algorithm else f"{fmt}-"
-    return f"{algorithm}-{fmt}w{bits}-{g}" + ("-asym" if sym is False and algorithm != "awq" else "")
-
-
-DEFAULT_GGUF_TYPE = "Q4_K_M"
-ALL_FORMATS = (*FORMATS, "gguf")                 # gguf: made by llama.cpp's tools (formats/gguf.py), not packed here
-# What GGUF does not use: llama-quantize's type sets the bits and blocks, its own rounding quantizes.
-NOT_FOR_GGUF = ("algorithm", "bits", "group_size", "sym", "act_order", "true_sequential", "damp_percent", "keep")
-GGUF_FIELDS = ("gguf_type", "imatrix", "gguf_shard")
 
 TARGET_NAME = r"^[a-z][a-z0-9_-]{0,31}$"       # a destination a farm's administrator named (--publish-target)
 
@@ -86,7 +68,108 @@ def local_targets(targets: list[str]) -> list:
     return [(t, parse_target(t, allow_urls=True)) for t in targets]
 
 
-class JobSpec(BaseModel):
+def _knob_owners() -> dict[str, tuple[str, str, tuple]]:
+    """{knob: (kind, owner, (type, Field))} for every knob an algorithm or a format of the tables declares."""
+    out = {}
+    for kind, table, attr in (("algorithm", ALGORITHMS, "KNOBS"), ("format", FORMATS, "knobs")):
+        for name, entry in table.items():
+            for k, decl in getattr(entry, attr).items():
+                out[k] = (kind, name, decl)
+    return out
+
+
+KNOBS = _knob_owners()
+
+
+def settings_label(s) -> str:
+    """A name from the weight settings (`s`: a JobSpec or a release's Variant): gptq-w4-g128,
+    gptq-compressed-tensors-w8-pc, rtn-gptq-w4-g64-asym; a format may name its own (gguf-q4_k_m)."""
+    own = FORMATS[s.format].label(s)
+    if own:
+        return own
+    g = "pc" if s.group_size == -1 else f"g{s.group_size}"
+    fmt = "" if s.format == s.algorithm else f"{s.format}-"
+    asym = s.sym is False and not ALGORITHMS[s.algorithm].SYM_FIXED
+    return f"{s.algorithm}-{fmt}w{s.bits}-{g}" + ("-asym" if asym else "")
+
+
+class _Weights(BaseModel):
+    """How the weights are quantized and stored: what a release's variant may set. The algorithms' and
+    formats' own knobs are added from the tables (WeightSettings below), and checked against them."""
+    model_config = ConfigDict(extra="forbid")
+    algorithm: Literal[tuple(ALGORITHMS)] = Field("gptq", description="how weights are quantized")
+    format: Literal[tuple(FORMATS)] = Field("gptq", description="how they are stored")
+    bits: Literal[2, 3, 4, 8] = 4
+    group_size: int = Field(128, ge=-1, le=65_536, description="columns per group, -1 for one group per row")
+    sym: bool | None = Field(None, description="symmetric grid; default: the algorithm's (true for gptq/rtn, "
+                             "false for awq)")
+    act_order: ActOrder | None = Field(None, description="GPTQ column order by descending Hessian diagonal: static "
+                                       "(groups keep their natural columns: free at inference), dynamic (classic "
+                                       "desc_act: non-monotonic g_idx), none; default: the algorithm's (static for "
+                                       "gptq, none for the others)")
+    true_sequential: bool = True
+    damp_percent: float = Field(0.01, ge=0.0, le=1.0)
+    keep: list[str] = Field([], max_length=64, description="module names (fnmatch patterns, e.g. "
+                            "'*.mlp.experts.*.down_proj') to leave in 16 bits on purpose")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gptq_flags(cls, data):
+        """GPTQ's historical desc_act/static_groups (specs stored before act_order) as one act_order."""
+        if isinstance(data, dict) and ("desc_act" in data or "static_groups" in data):
+            if "act_order" in data:
+                raise ValueError("give act_order, or the older desc_act/static_groups, not both")
+            data = dict(data)
+            data["act_order"] = ActOrder.of(bool(data.pop("desc_act", True)), bool(data.pop("static_groups", True)))
+        return data
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, v):
+        if v != -1 and v < 1:
+            raise ValueError("group_size must be -1 (one group per row) or a positive number of columns")
+        return v
+
+    def _changed(self, field: str) -> bool:
+        return getattr(self, field) != type(self).model_fields[field].default
+
+    @model_validator(mode="after")
+    def _against_tables(self):
+        """Each knob only with its algorithm or format; the format's unused settings unset, its own settled;
+        the algorithm's own refusals (AWQ's zero points, act-order for GPTQ only)."""
+        fmt = FORMATS[self.format]
+        stray: dict[str, list[str]] = {}
+        for k, (kind, owner, _) in KNOBS.items():
+            if owner != getattr(self, kind) and k in self.model_fields_set and self._changed(k):
+                stray.setdefault(f"{kind} {owner}", []).append(k)
+        for owner, given in stray.items():
+            raise ValueError(f"{', '.join(given)}: only for {owner}")
+        changed = [f for f in fmt.ignores if self._changed(f)]
+        if changed:
+            raise ValueError(f"{', '.join(changed)}: not used by format {fmt.name}, {fmt.why_ignored}; leave them unset")
+        for k, v in fmt.settle({k: getattr(self, k) for k in fmt.knobs}).items():
+            setattr(self, k, v)
+        if "algorithm" not in fmt.ignores:
+            why = ALGORITHMS[self.algorithm].problems(self.scheme(), ())
+            if why:
+                raise ValueError(why[0])
+        return self
+
+    def scheme(self) -> Scheme:
+        """The weight grid, each unset choice at the algorithm's default."""
+        alg = ALGORITHMS[self.algorithm]
+        return Scheme(self.bits, self.group_size, alg.SYM_DEFAULT if self.sym is None else self.sym,
+                      alg.ACT_ORDER_DEFAULT if self.act_order is None else self.act_order)
+
+    def label(self) -> str:
+        """The artifact's name where it is published."""
+        return getattr(self, "name", None) or settings_label(self)
+
+
+WeightSettings = create_model("WeightSettings", __base__=_Weights, **{k: decl for k, (_, _, decl) in KNOBS.items()})
+
+
+class JobSpec(WeightSettings):
     model_config = ConfigDict(extra="forbid")
     model: str = Field(..., min_length=1, max_length=300, examples=["smollm2-135m", "meta-llama/Llama-3.1-8B"],
                        description="a Hub id (org/name[@revision]), a local folder or .gguf file, a demo name; with "
@@ -96,27 +179,6 @@ class JobSpec(BaseModel):
                                "its sources are merged and the merge is quantized; `model` then names the merged "
                                "model", examples=[{"merge_method": "slerp", "base_model": "org/a", "models": [
                                    {"model": "org/a"}, {"model": "org/b"}], "parameters": {"t": 0.5}}])
-    algorithm: Literal[tuple(ALGORITHMS)] = Field("gptq", description="how weights are quantized")
-    format: Literal[ALL_FORMATS] = Field("gptq", description="how they are stored")
-    bits: Literal[2, 3, 4, 8] = 4
-    group_size: int = Field(128, ge=-1, le=65_536, description="columns per group, -1 for one group per row")
-    sym: bool | None = Field(None, description="symmetric grid; default true for gptq/rtn, false for awq")
-    act_order: ActOrder = Field(ActOrder.STATIC, description="GPTQ column order by descending Hessian diagonal: "
-                                "static (groups keep their natural columns: free at inference), dynamic (classic "
-                                "desc_act: non-monotonic g_idx), none")
-    true_sequential: bool = True
-    damp_percent: float = Field(0.01, ge=0.0, le=1.0)
-    keep: list[str] = Field([], max_length=64, description="module names (fnmatch patterns, e.g. "
-                            "'*.mlp.experts.*.down_proj') to leave in 16 bits on purpose")
-    gguf_type: str | None = Field(None, max_length=16, description="format gguf: the llama-quantize type "
-                                  f"({', '.join(gguf_format.TYPES)}); default {DEFAULT_GGUF_TYPE}")
-    imatrix: Literal[gguf_format.IMATRIX] = Field("quantfarm", description="format gguf: the importance matrix "
-                                                  "llama-quantize uses: quantfarm (from the calibration forward), "
-                                                  "llama (llama.cpp's llama-imatrix on the calibration text), none")
-    gguf_shard: str | None = Field(None, pattern=r"^[1-9][0-9]{0,5}[MG]$",
-                                   description="format gguf: split files into parts of at most this size "
-                                               "(e.g. 4G) with llama-gguf-split; unset: files over 48 GB are "
-                                               "split at 48G (the Hub takes at most 50 GB a file)")
     calibration: Calibration = Calibration()
     evaluation: Evaluation = Evaluation()
     allow_pickle: bool = False
@@ -138,17 +200,6 @@ class JobSpec(BaseModel):
         _no_nul(data)
         return data
 
-    @model_validator(mode="before")
-    @classmethod
-    def _gptq_flags(cls, data):
-        """GPTQ's historical desc_act/static_groups (specs stored before act_order) as one act_order."""
-        if isinstance(data, dict) and ("desc_act" in data or "static_groups" in data):
-            if "act_order" in data:
-                raise ValueError("give act_order, or the older desc_act/static_groups, not both")
-            data = dict(data)
-            data["act_order"] = ActOrder.of(bool(data.pop("desc_act", True)), bool(data.pop("static_groups", True)))
-        return data
-
     @field_validator("publish")
     @classmethod
     def _targets(cls, v):
@@ -159,64 +210,29 @@ class JobSpec(BaseModel):
     def _merge(cls, v):
         return check_merge(v)
 
-    @field_validator("group_size")
-    @classmethod
-    def _group(cls, v):
-        if v != -1 and v < 1:
-            raise ValueError("group_size must be -1 (one group per row) or a positive number of columns")
-        return v
-
-    @model_validator(mode="after")
-    def _algorithm_settings(self):
-        if self.algorithm == "awq" and self.sym:
-            raise ValueError("sym: AWQ quantizes with zero points; leave sym unset (or false) with algorithm awq")
-        return self
-
-    @model_validator(mode="after")
-    def _gguf_settings(self):
-        if self.format != "gguf":
-            given = [f for f in GGUF_FIELDS if f in self.model_fields_set and getattr(self, f) != type(self)
-                     .model_fields[f].default]
-            if given:
-                raise ValueError(f"{', '.join(given)}: only for format gguf")
-            return self
-        changed = [f for f in NOT_FOR_GGUF if getattr(self, f) != type(self).model_fields[f].default]
-        if changed:
-            raise ValueError(f"{', '.join(changed)}: not used by format gguf, whose type (gguf_type, e.g. Q4_K_M) "
-                             "sets the bits and llama-quantize quantizes; leave them unset")
-        self.gguf_type = (self.gguf_type or DEFAULT_GGUF_TYPE).upper()
-        try:
-            gguf_format.gguf_type(self.gguf_type)
-        except Exception as e:
-            raise ValueError(str(e)) from None
-        problems = gguf_format.problems(self.gguf_type, self.imatrix)
-        if problems:
-            raise ValueError(problems[0])
-        return self
-
     @property
     def symmetric(self) -> bool:
-        return self.algorithm != "awq" if self.sym is None else self.sym
+        return self.scheme().sym
 
     def quant_config(self) -> QuantConfig:
-        act = self.act_order if self.algorithm == "gptq" else ActOrder.NONE      # act-order is GPTQ's
-        return QuantConfig(algorithm=self.algorithm, scheme=Scheme(self.bits, self.group_size, self.symmetric, act),
-                           true_sequential=self.true_sequential, damp_percent=self.damp_percent,
-                           keep=tuple(self.keep))
-
-    def label(self) -> str:
-        """The artifact's name where it is published."""
-        return self.name or settings_label(self.algorithm, self.format, self.bits, self.group_size, self.sym,
-                                           self.gguf_type)
+        alg = ALGORITHMS[self.algorithm]
+        return QuantConfig(algorithm=self.algorithm, scheme=self.scheme(), true_sequential=self.true_sequential,
+                           damp_percent=self.damp_percent, keep=tuple(self.keep),
+                           **{k: getattr(self, k) for k in alg.KNOBS})
 
     def recipe(self, revision: str) -> dict:
-        """What determines the artifact: the spec less its evaluation, plus the pinned source (of a merge: the
-        hash of its recipe and its sources' revisions)."""
+        """What determines the artifact: the spec less its evaluation, the settings its format does not use
+        and the knobs of other algorithms and formats (an algorithm's knobs only when set), plus the pinned
+        source (of a merge: the hash of its recipe and its sources' revisions)."""
+        fmt = FORMATS[self.format]
+        other = {k for k, (kind, owner, _) in KNOBS.items()
+                 if owner != getattr(self, kind) or (kind == "algorithm" and not self._changed(k))}
         d = self.model_dump(exclude={"evaluation", "revision", "merge", "allow_pickle", "trust_remote_code", "priority",
-                                     "publish", "min_recovery", "name",
-                                     *(NOT_FOR_GGUF if self.format == "gguf" else GGUF_FIELDS)})
-        if self.format == "gguf" and self.imatrix == "none":
-            d.pop("calibration")                # without an importance matrix nothing is calibrated
+                                     "publish", "min_recovery", "name", *other, *fmt.ignores, *fmt.recipe_fields(self)})
+        if "act_order" in d and self.act_order is None:
+            # unset hashes as "static", the field's default before each algorithm declared its own: the keys of
+            # jobs, artifacts and publications made before stay the same (migration 0004 unsets stored ones)
+            d["act_order"] = ActOrder.STATIC
         d["source_revision"] = revision
         return d
 
