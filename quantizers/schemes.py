@@ -1,0 +1,62 @@
+"""The named schemes teams ask for by hardware (llm-compressor's preset names: W4A16, W8A8, FP8_DYNAMIC,
+NVFP4, ...), as data: what a Linear's weight and its input activations become, and which compressed-tensors
+layout holds the result. One table: code reads an entry's fields, never its name.
+
+The fields are compressed-tensors' QuantizationArgs terms, so a checkpoint's quantization_config is these
+entries written out; tests/test_schemes.py holds every entry against compressed-tensors' own presets and the
+format its compressors choose for them. What each is for follows llm-compressor's hardware guide.
+"""
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Quant:
+    """How one tensor is quantized. `strategy`: tensor | channel | group | block | token | tensor_group (NVFP4:
+    groups with a per-tensor global scale); `group_size` for group strategies, `block` (rows, columns) for block;
+    `dynamic`: scales computed at run time (True), per group at run time under a static global scale ("local"),
+    or fixed from calibration (False); `scale_dtype`: the scales' own type when it is not the model's
+    (float8_e4m3fn for NVFP4, uint8 E8M0 exponents for MX)."""
+    type: str                       # int | float
+    bits: int
+    strategy: str
+    group_size: int | None = None
+    block: tuple[int, int] | None = None
+    symmetric: bool = True
+    dynamic: bool | str = False
+    scale_dtype: str | None = None
+
+
+@dataclass(frozen=True)
+class NamedScheme:
+    name: str
+    weights: Quant
+    activations: Quant | None       # None: weight-only (activations stay 16-bit)
+    layout: str                     # the compressed-tensors format that stores it
+    hardware: str                   # what it is made for (model cards, release presets)
+
+
+_INT4_G128 = Quant("int", 4, "group", 128)
+_FP8_CHANNEL = Quant("float", 8, "channel")
+_NVFP4 = Quant("float", 4, "tensor_group", 16, scale_dtype="float8_e4m3fn")
+_MXFP4 = Quant("float", 4, "group", 32, scale_dtype="uint8")
+
+SCHEMES = {s.name: s for s in (
+    NamedScheme("W4A16", _INT4_G128, None, "pack-quantized", "GPUs from Ampere; x86 CPUs with AVX-512 (vLLM CPU)"),
+    NamedScheme("W4A16_ASYM", Quant("int", 4, "group", 128, symmetric=False), None, "pack-quantized",
+                "GPUs from Ampere"),
+    NamedScheme("W8A16", Quant("int", 8, "group", 128), None, "pack-quantized", "GPUs from Ampere"),
+    NamedScheme("W8A8", Quant("int", 8, "channel"), Quant("int", 8, "token", dynamic=True), "int-quantized",
+                "CPUs and older GPUs (INT8; vLLM from Turing)"),
+    NamedScheme("FP8", Quant("float", 8, "tensor"), Quant("float", 8, "tensor"), "float-quantized",
+                "Ada and Hopper (FP8 tensor cores)"),
+    NamedScheme("FP8_DYNAMIC", _FP8_CHANNEL, Quant("float", 8, "token", dynamic=True), "float-quantized",
+                "Ada and Hopper (FP8 tensor cores); Turing to Ampere run it weight-only (FP8 Marlin)"),
+    NamedScheme("FP8_BLOCK", Quant("float", 8, "block", block=(128, 128)),
+                Quant("float", 8, "group", 128, dynamic=True), "float-quantized",
+                "Hopper and Blackwell (DeepSeek-style blocks)"),
+    NamedScheme("NVFP4", _NVFP4, Quant("float", 4, "tensor_group", 16, dynamic="local", scale_dtype="float8_e4m3fn"),
+                "nvfp4-pack-quantized", "Blackwell (FP4 tensor cores; vLLM emulates it on older GPUs)"),
+    NamedScheme("NVFP4A16", _NVFP4, None, "nvfp4-pack-quantized", "Blackwell; weight-only FP4 Marlin on older GPUs"),
+    NamedScheme("MXFP4", _MXFP4, Quant("float", 4, "group", 32, dynamic=True, scale_dtype="uint8"),
+                "mxfp4-pack-quantized", "Blackwell (MX tensor cores; vLLM from Ampere)"),
+)}
