@@ -32,31 +32,28 @@ class NamedScheme:
     weights: Quant
     activations: Quant | None       # None: weight-only (activations stay 16-bit)
     layout: str                     # the compressed-tensors format that stores it
-    hardware: str                   # what it is made for (model cards, release presets)
+    hardware: str                   # what it is made for, as llm-compressor's guide says (not a runtime check)
 
 
-_INT4_G128 = Quant("int", 4, "group", 128)
-_FP8_CHANNEL = Quant("float", 8, "channel")
 _NVFP4 = Quant("float", 4, "tensor_group", 16, scale_dtype="float8_e4m3fn")
-_MXFP4 = Quant("float", 4, "group", 32, scale_dtype="uint8")
 
 SCHEMES = {s.name: s for s in (
-    NamedScheme("W4A16", _INT4_G128, None, "pack-quantized", "GPUs from Ampere; x86 CPUs with AVX-512 (vLLM CPU)"),
+    NamedScheme("W4A16", Quant("int", 4, "group", 128), None, "pack-quantized", "Ampere GPUs"),
     NamedScheme("W4A16_ASYM", Quant("int", 4, "group", 128, symmetric=False), None, "pack-quantized",
-                "GPUs from Ampere"),
-    NamedScheme("W8A16", Quant("int", 8, "group", 128), None, "pack-quantized", "GPUs from Ampere"),
+                "Ampere GPUs"),
+    NamedScheme("W8A16", Quant("int", 8, "group", 128), None, "pack-quantized", "Ampere GPUs"),
     NamedScheme("W8A8", Quant("int", 8, "channel"), Quant("int", 8, "token", dynamic=True), "int-quantized",
-                "CPUs and older GPUs (INT8; vLLM from Turing)"),
+                "CPUs and older GPUs (INT8)"),
     NamedScheme("FP8", Quant("float", 8, "tensor"), Quant("float", 8, "tensor"), "float-quantized",
-                "Ada and Hopper (FP8 tensor cores)"),
-    NamedScheme("FP8_DYNAMIC", _FP8_CHANNEL, Quant("float", 8, "token", dynamic=True), "float-quantized",
-                "Ada and Hopper (FP8 tensor cores); Turing to Ampere run it weight-only (FP8 Marlin)"),
+                "Hopper GPUs (FP8)"),
+    NamedScheme("FP8_DYNAMIC", Quant("float", 8, "channel"), Quant("float", 8, "token", dynamic=True), "float-quantized",
+                "Hopper GPUs (FP8)"),
     NamedScheme("FP8_BLOCK", Quant("float", 8, "block", block=(128, 128)),
                 Quant("float", 8, "group", 128, dynamic=True), "float-quantized",
-                "Hopper and Blackwell (DeepSeek-style blocks)"),
+                "Hopper GPUs (FP8, DeepSeek-style blocks)"),
     NamedScheme("NVFP4", _NVFP4, Quant("float", 4, "tensor_group", 16, dynamic="local", scale_dtype="float8_e4m3fn"),
-                "nvfp4-pack-quantized", "Blackwell (FP4 tensor cores; vLLM emulates it on older GPUs)"),
-    NamedScheme("NVFP4A16", _NVFP4, None, "nvfp4-pack-quantized", "Blackwell; weight-only FP4 Marlin on older GPUs"),
-    NamedScheme("MXFP4", _MXFP4, Quant("float", 4, "group", 32, dynamic=True, scale_dtype="uint8"),
-                "mxfp4-pack-quantized", "Blackwell (MX tensor cores; vLLM from Ampere)"),
+                "nvfp4-pack-quantized", "Blackwell GPUs (FP4)"),
+    NamedScheme("NVFP4A16", _NVFP4, None, "nvfp4-pack-quantized", "Blackwell GPUs (FP4 weights)"),
+    NamedScheme("MXFP4", Quant("float", 4, "group", 32, scale_dtype="uint8"), Quant("float", 4, "group", 32, dynamic=True, scale_dtype="uint8"),
+                "mxfp4-pack-quantized", "Blackwell GPUs (MX FP4)"),
 )}

@@ -99,14 +99,12 @@ def smol():
 
     from calibration import build_calibration, eval_tokens
     from evaluation.text_metrics import perplexity
-    from service.job.steps import round_to_storage
-    from service.job.loading import load_model
     from service.job.models import resolve_model
+    from service.job.steps import load_rounded
 
     require_shared_data("c4/c4_en_train_first1000.jsonl")
     require_shared_data("wikitext2/wiki.valid.tokens")
-    model, tok = load_model(resolve_model("smollm2-135m"))
-    round_to_storage(model)
+    model, tok = load_rounded(resolve_model("smollm2-135m"))
     ev, _ = eval_tokens("wikitext2", tok)
     calib = build_calibration("c4", tok, n_samples=SMOL_SAMPLES, seq_len=SMOL_SEQ, seed=0)
     return SimpleNamespace(model=model, tok=tok, ev=ev, calib=calib,

@@ -157,17 +157,13 @@ def resolve_key(spec, model_roots) -> tuple:
             json.dumps(spec.merge, sort_keys=True))
 
 
-def _roots(ctx: JobContext) -> list | None:
-    return None if ctx.model_roots is None else list(ctx.model_roots)
-
-
 def resolve_pinned(spec: JobSpec, ctx: JobContext, before_weights=None) -> tuple:
     """(the resolved source, its pinned revision), refusing a local source (or a merge) whose content changed
     since the job was made (its revision is then a content hash). The source is pinned from its config and
     index files first; `before_weights(src)` makes the checks those answer, and only then are a Hub model's
     weights fetched (with progress steps) and a merge recipe merged (both cached)."""
     key = resolve_key(spec, ctx.model_roots)
-    src = ctx.shared.get("resolve", key, lambda: resolve_source(spec, local_roots=_roots(ctx),
+    src = ctx.shared.get("resolve", key, lambda: resolve_source(spec, local_roots=ctx.model_roots,
                                                                 build_merge=False, weights=False))
     revision = src.revision or src.content_hash
     if src.revision is None and spec.revision and spec.revision != src.content_hash:

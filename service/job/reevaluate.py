@@ -11,12 +11,11 @@ from quantizers import artifact, formats
 
 from .context import _noop, compute_dtype, pick_device
 from .merge import resolve_source
-from .loading import load_model
 from .models import resolve_model
 from .sources import Access
 from .pipeline import perplexity_summary
 from .spec import JobSpec
-from .steps import round_to_storage
+from .steps import load_rounded
 
 
 def evaluate_artifact(folder, ev: suite.Evaluation, *, device: str = "auto", cache_dir=None,
@@ -52,8 +51,7 @@ def evaluate_artifact(folder, ev: suite.Evaluation, *, device: str = "auto", cac
     def load_fp16():
         if not fp16:
             on_step("load fp16")
-            model, tok = load_model(src, dtype=dtype)
-            round_to_storage(model)
+            model, tok = load_rounded(src, dtype)
             fp16["m"] = (model.to(dev), tok)
         return fp16["m"]
 

@@ -142,7 +142,8 @@ class _Weights(BaseModel):
         for k, (kind, owner, _) in KNOBS.items():
             if owner != getattr(self, kind) and k in self.model_fields_set and self._changed(k):
                 stray.setdefault(f"{kind} {owner}", []).append(k)
-        for owner, given in stray.items():
+        if stray:
+            owner, given = next(iter(stray.items()))
             raise ValueError(f"{', '.join(given)}: only for {owner}")
         changed = [f for f in fmt.ignores if self._changed(f)]
         if changed:

@@ -29,6 +29,14 @@ def round_to_storage(model) -> torch.dtype:
     return dtype
 
 
+def load_rounded(src: ResolvedModel, dtype: torch.dtype = torch.float32) -> tuple:
+    """(model, tokenizer) of the source in `dtype`, its weights rounded to their 16-bit storage dtype: the model
+    every baseline and quantizer starts from."""
+    model, tok = load_model(src, dtype=dtype)
+    round_to_storage(model)
+    return model, tok
+
+
 @dataclass
 class Job:
     """One job's source and what its steps made so far. `checks`: the preflight report (None when the
@@ -41,28 +49,25 @@ class Job:
     checks: dict | None
     ctx: JobContext
     found: dict = field(default_factory=dict)     # what the maker's preflight found (GGUF: tools, architecture)
-    _model: list = field(default_factory=list)
-    _tokenizer: list = field(default_factory=list)
+    _model: object = None
+    _tokenizer: object = None
 
     def fp16(self):
         """The fp16 model in the compute dtype, rounded to its storage dtype, MoE experts unfused: loaded on
         first use (a release's later variants that find everything cached never load it)."""
-        if not self._model:
+        if self._model is None:
             self.ctx.on_step("load")
-            model, tok = load_model(self.src, dtype=self.ctx.dtype)
-            round_to_storage(model)
-            moe.unfuse_experts(model)                                   # experts as per-expert Linears
-            self._model.append(model)
-            self._tokenizer[:] = [tok]
-        return self._model[0]
+            self._model, self._tokenizer = load_rounded(self.src, self.ctx.dtype)
+            moe.unfuse_experts(self._model)                             # experts as per-expert Linears
+        return self._model
 
     def tokenizer(self):
-        if not self._tokenizer:
-            self._tokenizer.append(load_tokenizer(self.src))
-        return self._tokenizer[0]
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.src)
+        return self._tokenizer
 
     def release_model(self) -> None:
-        self._model.clear()
+        self._model = None
 
     def calibration_settings(self, calib) -> dict | None:
         c = self.spec.calibration
@@ -115,8 +120,7 @@ def merge_part(job: Job, plan) -> dict | None:
         ctx.on_step("evaluate merge sources")
 
         def load(s):
-            m, tok = load_model(s, dtype=ctx.dtype)
-            round_to_storage(m)
+            m, tok = load_rounded(s, ctx.dtype)
             return m.to(ctx.dev), tok
         scores = merge.source_scores(src.merge, plan, ctx.shared.baseline_cache(ctx.cache_dir), load, ctx.dtype,
                                      ctx.dev)

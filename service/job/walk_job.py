@@ -8,6 +8,7 @@ from pathlib import Path
 
 from core.errors import SpecError
 from core.version import quantfarm_version
+from evaluation import suite
 from quantizers import artifact, formats, moe
 from quantizers.algorithms import algorithm
 from quantizers.layers import mark_kept
@@ -92,7 +93,6 @@ def make(job: Job) -> Made:
 
 def evaluate(job: Job, made: Made) -> tuple[dict, dict]:
     """(the suite's comparison on the artifact as our reader loads it, no extra report parts)."""
-    from evaluation import suite
     job.ctx.on_step("evaluate artifact")
     qmodel, qtok, _ = artifact.load_artifact(made.folder, dtype=job.ctx.dtype)
     return suite.compare(made.plan, made.base, made.plan.quantized(qmodel.to(job.ctx.dev), qtok)), {}
