@@ -177,7 +177,7 @@ class GGUF(Format):
         return f"gguf-{(s.gguf_type or DEFAULT_TYPE).lower()}"
 
     def recipe_fields(self, s) -> set[str]:
-        return {"calibration"} if s.imatrix == "none" else set()    # without a matrix nothing is calibrated
+        return set() if self.needs_calibration(s, False) else {"calibration"}   # no matrix: nothing calibrated
 
     def needs_calibration(self, s, algorithm_needs_data: bool) -> bool:
         return s.imatrix != "none"

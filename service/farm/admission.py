@@ -17,7 +17,7 @@ from huggingface_hub import errors as hub_errors  # noqa: F401
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: F401
 
 from core.errors import SpecError
-from quantizers import estimates, formats
+from quantizers import estimates
 from service.job import storage
 from service.job.context import JobContext
 from service.job.facts import ModelFacts, model_facts
@@ -38,11 +38,6 @@ def memory_estimate_gb(facts: ModelFacts | None, spec: JobSpec) -> float:
     if facts is None:
         return 0.0
     return estimates.device_memory_gb(facts.hidden, facts.intermediate, spec.calibration.samples * spec.calibration.seq_len)
-
-
-def artifact_bytes_estimate(facts: ModelFacts | None, spec: JobSpec) -> int:
-    """Bytes the artifact's weights will take, as its format estimates them (0 when the shapes are unknown)."""
-    return 0 if facts is None else formats.get(spec.format).estimate_bytes(facts.meta_model, spec.scheme())
 
 
 @dataclass

@@ -3,7 +3,7 @@
 The store stays the record of jobs, leases, events and artifacts; Ray places and runs. A dispatcher thread
 in `serve` claims the highest-priority queued job when the cluster has room for one more (the store's own
 claim order: priorities hold), and submits one task for it asking `num_gpus=1` (or `--ray-cpus-per-job`
-CPUs) and the job's memory estimate, so Ray puts it on a node with room. The task runs the same `run_job`
+CPUs) and the job's memory estimate, so Ray puts it on a node with room. The task runs the same `JobRunner`
 as a local worker: its heartbeat renews the lease and reads the cancel flag, so cancel stops it at the next
 layer boundary. The dispatcher renews the lease too while Ray has the task (placed or still pending); when
 Ray reports the task failed (its node died, its worker process was killed) the job goes back to the queue

@@ -160,7 +160,7 @@ def make(job: Job) -> Made:
     if "kld" in ev.parts:
         ev = ev.model_copy(update={"suite": [p for p in ev.parts if p != "kld"]})
     plan, base = clock.run("evaluate_fp16", fp16_baseline, job, ev)
-    calib = clock.run("calibrate", calibrate, job) if spec.imatrix != "none" else None
+    calib = clock.run("calibrate", calibrate, job) if job.fmt.needs_calibration(spec, False) else None
     _check_stop(ctx)
 
     ctx.on_step("convert")

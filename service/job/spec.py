@@ -211,10 +211,6 @@ class JobSpec(WeightSettings):
     def _merge(cls, v):
         return check_merge(v)
 
-    @property
-    def symmetric(self) -> bool:
-        return self.scheme().sym
-
     def quant_config(self) -> QuantConfig:
         alg = ALGORITHMS[self.algorithm]
         return QuantConfig(algorithm=self.algorithm, scheme=self.scheme(), true_sequential=self.true_sequential,

@@ -61,7 +61,8 @@ def make(job: Job) -> Made:
     size_before = sum(p.numel() for p in model.parameters()) * 2
 
     plan, base = clock.run("evaluate_fp16", fp16_baseline, job, spec.evaluation)
-    calib = clock.run("calibrate", calibrate, job) if algorithm(cfg.algorithm).NEEDS_DATA else None
+    calibrates = job.fmt.needs_calibration(spec, algorithm(cfg.algorithm).NEEDS_DATA)
+    calib = clock.run("calibrate", calibrate, job) if calibrates else None
 
     ctx.on_step("quantize")
     recipe = spec.recipe(job.revision)
