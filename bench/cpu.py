@@ -5,8 +5,13 @@ calibration, written to a file) and the same perplexity windows; they run one af
 never overlapped. Timed: the quantization call alone (wall and CPU seconds), peak RSS of the
 process, and perplexity of the result.
 
-    .venv/bin/python bench/cpu.py --algorithm gptq|awq --samples 128 --seq-len 512 --group-size 64 \
-        [--peer-python /path/to/venv-with-llmcompressor/bin/python] [--act-order static|dynamic|none]
+    .venv/bin/python bench/cpu.py --algorithm gptq|awq|rtn --samples 128 --seq-len 512 --group-size 64 \
+        [--peer-python /path/to/venv-with-llmcompressor/bin/python] [--act-order static|dynamic|none] \
+        [--scheme W8A8|FP8_DYNAMIC|...] [--eval-skip WINDOWS]
+
+--scheme: a named scheme (quantizers/schemes.py) for both tools, written as compressed-tensors by both; the
+peer takes llm-compressor's preset of the same name. --eval-skip: perplexity on the windows after the first
+WINDOWS of WikiText-2 validation (the job's report reads the first ones; WikiText-2 test is not on this machine).
 
 GPTQ is symmetric with static act-order (both tools' default) and written as GPTQ; AWQ is
 asymmetric (zero point) and written as AWQ GEMM by us, compressed-tensors by the peer.
@@ -25,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def prepare(work: Path, samples: int, seq_len: int, seed: int):
+def prepare(work: Path, samples: int, seq_len: int, seed: int, eval_skip: int = 0):
     """fp16 checkpoint of the demo model plus calibration and eval token files."""
     import torch
     from safetensors.torch import save_file
@@ -44,7 +49,7 @@ def prepare(work: Path, samples: int, seq_len: int, seed: int):
     calib = build_calibration("c4", tok, n_samples=samples, seq_len=seq_len, seed=seed)
     ev, _ = eval_tokens("wikitext2", tok)
     save_file({"tokens": calib.tokens.contiguous()}, str(work / "calib.safetensors"))
-    save_file({"tokens": ev.contiguous()}, str(work / "eval.safetensors"))
+    save_file({"tokens": ev[eval_skip:].contiguous()}, str(work / "eval.safetensors"))
     return model_dir, calib.content_hash
 
 
@@ -67,19 +72,22 @@ def run_ours(a):
     tokens = load_file(str(work / "calib.safetensors"))["tokens"]
     ev = load_file(str(work / "eval.safetensors"))["tokens"]
     gptq = a.algorithm == "gptq"
-    cfg = QuantConfig(scheme=Scheme(a.bits, a.group_size, sym=gptq, act_order=a.act_order if gptq else "none"),
+    fmt = "compressed-tensors" if a.scheme else "gptq" if gptq else "awq"
+    grid = Scheme(8, -1, True, named=a.scheme) if a.scheme else Scheme(a.bits, a.group_size, sym=gptq)
+    cfg = QuantConfig(scheme=grid.replace(act_order=a.act_order if gptq else "none"),
                       algorithm=a.algorithm, true_sequential=not a.no_true_sequential, awq_duo=a.awq_duo,
                       awq_clip=not a.no_clip, search_dtype=a.search_dtype)
+    cfg = artifact.with_scale_dtype(cfg, fmt, model)
     wall, cpu = time.perf_counter(), time.process_time()
     q, reports = quantize_model(model, tokens, cfg, "cpu")
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    out = save(work / "ours-artifact", model, tok, q, cfg, "gptq" if gptq else "awq", {"quantizer": ["quantfarm:bench"]}, overwrite=True)
+    out = save(work / "ours-artifact", model, tok, q, cfg, fmt, {"quantizer": ["quantfarm:bench"]}, overwrite=True)
     loaded, _, _ = artifact.load_artifact(out, with_tokenizer=False)
     ppl = perplexity(loaded, ev, a.window_len, max_windows=a.windows)
     base = perplexity(load_model(resolve_model(str(work / "smollm2-fp16")))[0], ev, a.window_len, max_windows=a.windows)
     print("RESULT " + json.dumps({
-        "tool": "quantfarm", "algorithm": a.algorithm, "bits": cfg.scheme.bits,
+        "tool": "quantfarm", "algorithm": a.algorithm, "scheme": a.scheme, "bits": cfg.scheme.bits,
         "group_size": cfg.scheme.group_size, "act_order": cfg.scheme.act_order.value, "true_sequential": cfg.true_sequential,
         **({"awq_duo": cfg.awq_duo, "awq_clip": cfg.awq_clip, "search_dtype": cfg.search_dtype}
            if a.algorithm == "awq" else {}),
@@ -98,7 +106,9 @@ def child(cmd) -> dict:
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--algorithm", choices=["gptq", "awq"], default="gptq")
+    p.add_argument("--algorithm", choices=["gptq", "awq", "rtn"], default="gptq")
+    p.add_argument("--scheme", help="a named scheme for both tools (W8A8, FP8_DYNAMIC, ...)")
+    p.add_argument("--eval-skip", type=int, default=0, help="windows of WikiText-2 validation to skip")
     p.add_argument("--samples", type=int, default=128)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
@@ -120,11 +130,12 @@ def main():
         return run_ours(a)
     work = Path(a.work or tempfile.mkdtemp(prefix="qf-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    _, calib_hash = prepare(work, a.samples, a.seq_len, a.seed)
+    _, calib_hash = prepare(work, a.samples, a.seq_len, a.seed, a.eval_skip * a.window_len)
     flags = ["--act-order", a.act_order, "--awq-duo", a.awq_duo, "--search-dtype", a.search_dtype] + \
         (["--no-true-sequential"] if a.no_true_sequential else []) + (["--no-clip"] if a.no_clip else [])
     common = ["--windows", str(a.windows), "--window-len", str(a.window_len)]
-    ours = child([sys.executable, __file__, "--ours-only", "--work", str(work), "--algorithm", a.algorithm,
+    scheme = ["--scheme", a.scheme] if a.scheme else []
+    ours = child([sys.executable, __file__, "--ours-only", "--work", str(work), "--algorithm", a.algorithm, *scheme,
                   "--bits", str(a.bits),
                   "--group-size", str(a.group_size), *flags, *common])
     rows = [ours]
@@ -132,14 +143,15 @@ def main():
         peer = child([a.peer_python, str(ROOT / "bench" / "peer_llmc.py"), "--model-dir", str(work / "smollm2-fp16"),
                       "--calib", str(work / "calib.safetensors"), "--eval", str(work / "eval.safetensors"),
                       "--algorithm", a.algorithm, "--bits", str(a.bits), "--group-size", str(a.group_size),
-                      "--sym" if a.algorithm == "gptq" else "--asym",
+                      "--sym" if a.algorithm == "gptq" else "--asym", *scheme,
                       *common, "--json-out", str(work / "peer.json")])
         rows.append(peer)
-    what = f"GPTQ w{a.bits} g{a.group_size} act-order {a.act_order}" if a.algorithm == "gptq" else \
+    what = f"{a.scheme} by {a.algorithm}" if a.scheme else \
+        f"GPTQ w{a.bits} g{a.group_size} act-order {a.act_order}" if a.algorithm == "gptq" else \
         f"AWQ w{a.bits} g{a.group_size} zero-point"
     print(f"\nSmolLM2-135M {what}, {a.samples} x {a.seq_len} C4 tokens "
           f"(calibration hash {calib_hash[:12]}), {os.cpu_count()} CPUs, perplexity on {a.windows} x "
-          f"{a.window_len} WikiText-2 validation tokens")
+          f"{a.window_len} WikiText-2 validation tokens" + (f" after the first {a.eval_skip} windows" if a.eval_skip else ""))
     print(f"{'tool':<16}{'wall s':>9}{'CPU s':>9}{'peak RSS MB':>13}{'ppl':>9}{'fp16 ppl':>10}")
     for r in rows:
         print(f"{r['tool']:<16}{r['wall_s']:>9}{r['cpu_s']:>9}{r['peak_rss_mb']:>13}{r['ppl']:>9.3f}"

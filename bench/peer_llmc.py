@@ -3,7 +3,7 @@
 Run it with the PEER's python (a venv holding llmcompressor); it imports nothing from quantfarm:
 
     python bench/peer_llmc.py --model-dir DIR --calib calib.safetensors --eval eval.safetensors \
-        --algorithm gptq|awq --bits 4 --group-size 64 [--sym|--asym] \
+        --algorithm gptq|awq|rtn --bits 4 --group-size 64 [--sym|--asym] [--scheme W8A8|FP8_DYNAMIC|...] \
         --windows 32 --window-len 512 [--baseline] --json-out result.json
 
 --model-dir   plain transformers checkpoint (fp16 safetensors + tokenizer); loaded in float32
@@ -120,6 +120,11 @@ def baseline_in_child(args) -> float:
 def build_recipe(args, symmetric: bool):
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
+    if args.scheme:          # llm-compressor's own preset: GPTQModifier for gptq, QuantizationModifier (RTN) for rtn
+        from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+        modifier = GPTQModifier if args.algorithm == "gptq" else QuantizationModifier
+        return [modifier(targets="Linear", ignore=["lm_head"], scheme=args.scheme)]
+
     if args.group_size > 0:
         strategy, group_size = "group", args.group_size
     else:
@@ -182,7 +187,9 @@ def main(argv=None) -> int:
     p.add_argument("--model-dir", required=True)
     p.add_argument("--calib")
     p.add_argument("--eval", required=True)
-    p.add_argument("--algorithm", choices=["gptq", "awq"], default="gptq")
+    p.add_argument("--algorithm", choices=["gptq", "awq", "rtn"], default="gptq")
+    p.add_argument("--scheme", help="one of llm-compressor's preset schemes (W8A8, FP8_DYNAMIC, ...): the grid and "
+                                    "activations are the preset's; --bits/--group-size are then only reported")
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=64, help="<= 0: per channel")
     sym = p.add_mutually_exclusive_group()
@@ -228,6 +235,7 @@ def main(argv=None) -> int:
             "python": platform.python_version(),
         },
         "algorithm": args.algorithm,
+        "scheme": args.scheme,
         "settings": {
             "bits": args.bits,
             "group_size": args.group_size,

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from core.paths import write_atomic
+from quantizers.schemes import SCHEMES
 
 from . import plots, report
 from .escape import md, md_code, no_html
@@ -21,7 +22,8 @@ def row(name: str, state: str, rep: dict | None, *, error: str | None = None, no
     ppl = next((r for r in ev.get("rows", []) if r["name"] == "perplexity"), None)
     avg = ev.get("average") or {}
     out.update(
-        artifact=rep.get("artifact"), format=st.get("format"), algorithm=st.get("algorithm"), bits=st.get("bits"),
+        artifact=rep.get("artifact"), format=st.get("format"), scheme=st.get("scheme"), algorithm=st.get("algorithm"),
+        bits=st.get("bits"),
         group_size=st.get("group_size"), sym=st.get("sym"), act_order=st.get("act_order"),
         size_bytes=rep.get("size_after_bytes"), size_fp16_bytes=rep.get("size_before_bytes"),
         bits_per_weight=(rep.get("bits_per_weight") or {}).get("overall"),
@@ -58,14 +60,17 @@ def _f(x, fmt) -> str:
 
 def table(s: dict) -> list[list[str]]:
     served = any(r.get("serving") for r in s["variants"])
+    named = any(r.get("scheme") for r in s["variants"])        # named schemes say which hardware they are for
     rows = [["variant", "state", "format", "bits", "group", "size", "bits/weight", "perplexity", "KLD", "recovery",
-             "loads in"] + (["vLLM decode (batch 1) vs fp16"] if served else [])]
+             "loads in"] + (["made for"] if named else []) + (["vLLM decode (batch 1) vs fp16"] if served else [])]
     for r in s["variants"]:
         ppl, sv = r.get("perplexity"), r.get("serving")
-        rows.append([r["variant"], r["state"], r.get("format") or "", str(r.get("bits") or ""),
+        rows.append([r["variant"], r["state"], " ".join(filter(None, (r.get("format"), r.get("scheme")))),
+                     str(r.get("bits") or ""),
                      str(r.get("group_size") or ""), _mib(r.get("size_bytes")), _f(r.get("bits_per_weight"), ".2f"),
                      f"{ppl['quantized']:.3f} (fp16 {ppl['fp16']:.3f})" if ppl else "n/a",
                      _f(r.get("kld_mean"), ".4f"), report.pct(r.get("recovery")), ", ".join(r.get("loads_in") or [])]
+                    + ([SCHEMES[r["scheme"]].hardware if r.get("scheme") else ""] if named else [])
                     + ([f"{sv['decode_tok_s']:.1f} tok/s, {sv['decode_speedup']:.2f}x" if sv else "n/a"] if served else []))
     return rows
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from quantizers import artifact, formats
 from quantizers.algorithms import ALGORITHMS
 from quantizers.scheme import Scheme
+from quantizers.schemes import SCHEMES
 
 from . import model_index, plots, serving
 from .escape import md, md_code
@@ -36,6 +37,8 @@ def label(report: dict) -> str:
     if sym is None and alg is not None:
         sym = alg.SYM_DEFAULT
     sym = "" if alg is not None and alg.SYM_FIXED else (" sym" if sym in (None, True) else " asym")
+    if s.get("scheme"):
+        return f"{fmt.title} {s['scheme']} ({s['algorithm']})"
     return f"{fmt.title} w{s['bits']} g{s['group_size']}{sym} ({s['algorithm']})"
 
 
@@ -126,10 +129,13 @@ def settings_line(report: dict) -> str:
     own = formats.get(st["format"]).card_line(st)
     if own:
         return own
-    parts = [f"{st['format']} {st['bits']}-bit, group size {st['group_size']}, {'symmetric' if st['sym'] else 'zero points'}",
+    parts = [f"{st['format']} {SCHEMES[st['scheme']].words()}" if st.get("scheme") else
+             f"{st['format']} {st['bits']}-bit, group size {st['group_size']}, {'symmetric' if st['sym'] else 'zero points'}",
              f"algorithm {st['algorithm']}"]
     if st.get("act_order") not in (None, "none"):
         parts.append(f"act-order {st['act_order']}")
+    if st.get("scheme"):
+        parts.append(f"made for {SCHEMES[st['scheme']].hardware}")
     c = st.get("calibration")
     if c:
         parts.append(f"calibration {c['samples']} x {c['seq_len']} tokens of {c['source']} (seed {c['seed']}, "

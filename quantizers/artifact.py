@@ -18,6 +18,7 @@ from core.errors import ArtifactError
 from core.paths import atomic_folder, write_atomic
 
 from . import formats, moe
+from .activations import fake_quantize
 from .config import QuantConfig
 from .grid import QuantizedWeight
 from .walk import coverage
@@ -43,8 +44,11 @@ def _tied_lm_head(model) -> str | None:
     return None
 
 
-def model_tensors(model, quantized: dict[str, QuantizedWeight], fmt: formats.Format) -> dict[str, torch.Tensor]:
-    """All tensors of the checkpoint: the format's tensors for quantized Linears, 16-bit for the rest."""
+def model_tensors(model, quantized: dict[str, QuantizedWeight], fmt: formats.Format,
+                  qc: dict) -> dict[str, torch.Tensor]:
+    """All tensors of the checkpoint: the format's tensors (for the layout `qc` names) for quantized Linears,
+    16-bit for the rest."""
+    encode = fmt.writer(qc)
     dtype = storage_dtype(model)
     skip = {f"{n}.weight" for n in quantized}
     tied = _tied_lm_head(model)
@@ -53,7 +57,7 @@ def model_tensors(model, quantized: dict[str, QuantizedWeight], fmt: formats.For
     tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous().cpu()
                for k, v in model.state_dict().items() if k not in skip}
     for name, qw in quantized.items():
-        t = fmt.to_tensors(qw, dtype)
+        t = encode(qw, dtype)
         tensors.update({f"{name}.{k}": v.cpu() for k, v in t.items()})
     rename = moe.checkpoint_renamer(model)            # per-expert names as the family's checkpoints have them
     return {rename(k): v for k, v in tensors.items()} if rename else tensors
@@ -106,7 +110,7 @@ def write_artifact(out_dir, model, tokenizer, quantized: dict[str, QuantizedWeig
     if out.exists() and not overwrite:
         raise ArtifactError(f"{out} already exists; choose another --out or remove it")
     with atomic_folder(out, replace=True) as tmp:
-        save_sharded(model_tensors(model, quantized, fmt), tmp, max_shard_bytes)
+        save_sharded(model_tensors(model, quantized, fmt, quant_config), tmp, max_shard_bytes)
         config = model.config.to_dict()
         config.pop("_name_or_path", None)            # a path on the machine that made it, meaningless elsewhere
         if not config.get("architectures"):
@@ -159,17 +163,18 @@ def add_file(artifact_dir, name: str, content: str | bytes):
 
 
 class DequantLinear(nn.Module):
-    """A Linear whose weight is the dequantization of a QuantizedWeight, computed once at load."""
+    """A Linear whose weight is the dequantization of a QuantizedWeight, computed once at load; with `inputs`
+    (a scheme's activations, W8A8's int8 per token) its input is rounded as the runtime rounds it."""
 
-    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, dtype: torch.dtype):
+    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, dtype: torch.dtype, inputs=None):
         super().__init__()
-        self.quantized = qw
+        self.quantized, self.inputs = qw, inputs
         self.out_features, self.in_features = qw.codes.shape
         self.register_buffer("weight", qw.dequantize(dtype), persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.to(dtype), requires_grad=False)
 
     def forward(self, x):
-        return nn.functional.linear(x, self.weight, self.bias)
+        return nn.functional.linear(x if self.inputs is None else fake_quantize(x, self.inputs), self.weight, self.bias)
 
 
 def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -211,7 +216,7 @@ def quantized_weights(tensors: dict[str, torch.Tensor], qc: dict) -> dict[str, Q
     """Pop each quantized Linear's tensors out of `tensors` and decode them."""
     fmt = formats.of_config(qc)
     names, decode = fmt.reader(qc)
-    marker = "." + fmt.marker
+    marker = "." + fmt.marker_of(qc)
     out = {}
     for n in [k[:-len(marker)] for k in tensors if k.endswith(marker)]:
         out[n] = decode({k: tensors.pop(f"{n}.{k}") for k in names if f"{n}.{k}" in tensors})
@@ -234,11 +239,12 @@ def load_artifact(path, dtype: torch.dtype = torch.float32, with_tokenizer: bool
     names = file_to_model_names(model, tensors)
     tensors = {names[k]: v for k, v in tensors.items()}
     quantized = quantized_weights(tensors, qc)
+    inputs = formats.of_config(qc).activations(qc)
     for name, qw in quantized.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         bias = tensors.get(f"{name}.bias")   # stays in tensors: load_state_dict fills the same parameter
-        setattr(parent, child, DequantLinear(qw, bias, dtype))
+        setattr(parent, child, DequantLinear(qw, bias, dtype, inputs))
     result = model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()},
                                    strict=False)
     expected_missing = {f"{n}.weight" for n in quantized}

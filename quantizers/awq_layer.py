@@ -36,6 +36,8 @@ KNOBS = {
 def problems(q: Scheme, shapes) -> list[str]:
     """Settings AWQ cannot run with, whatever the format."""
     out = []
+    if q.weight_type != "int":
+        out.append(f"AWQ onto {q.weight_type} weights ({q.named}) is not implemented; --algorithm rtn rounds them")
     if q.sym:
         out.append("sym: AWQ quantizes with zero points; leave sym unset (or false) with algorithm awq")
     if q.act_order != ActOrder.NONE:

@@ -19,7 +19,10 @@ KNOBS: dict = {}
 
 
 def problems(q: Scheme, shapes) -> list[str]:
-    """Settings GPTQ itself cannot run with (none: it takes any grid and act-order)."""
+    """Settings GPTQ itself cannot run with: any integer grid and act-order, but no float grid yet."""
+    if q.weight_type != "int":
+        return [f"GPTQ onto {q.weight_type} weights ({q.named}) is not implemented; --algorithm rtn rounds them "
+                "(as llm-compressor's FP8_DYNAMIC does)"]
     return []
 
 

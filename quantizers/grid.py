@@ -11,13 +11,15 @@ from dataclasses import dataclass
 import torch
 
 SCALE_MIN = 2.0 ** -24  # smallest float16 subnormal: a scale never rounds to zero
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0         # largest finite E4M3 value
 
 
 @dataclass
 class QuantizedWeight:
     """One Linear's quantized weight, layout-neutral.
 
-    codes [out, in] uint8 in [0, maxq]; scales [G, out] float32 (exact in the scale dtype); zeros [G, out]
+    codes [out, in] uint8 in [0, maxq] (float weights: float8_e4m3fn values, zeros 0); scales [G, out] float32 (exact in the scale dtype); zeros [G, out]
     int32; g_idx [in] int32 maps each input channel to its group (rows of scales/zeros).
     Dequantized: W[n, k] = scales[g_idx[k], n] * (codes[n, k] - zeros[g_idx[k], n]).
     """
@@ -59,6 +61,17 @@ def grid_params(W: torch.Tensor, bits: int, sym: bool, scale_dtype: torch.dtype 
     else:
         zero = torch.round(-xmin / scale).clamp(0, maxq)
     return scale, zero
+
+
+def float_params(W: torch.Tensor, scale_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """FP8 scale per row of W [rows, cols]: absmax / 448, so the row's largest weight is E4M3's largest value
+    (exact in `scale_dtype`). Float32 [rows]."""
+    return (W.abs().amax(1) / FP8_MAX).to(scale_dtype).float().clamp(min=SCALE_MIN)
+
+
+def float_codes(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """E4M3 values of w / scale (round to nearest even, saturated at +-448)."""
+    return (w / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
 
 
 def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:

@@ -5,6 +5,8 @@ from enum import Enum
 
 import torch
 
+from .schemes import SCHEMES, NamedScheme, Quant
+
 
 class ActOrder(str, Enum):
     """Column order of GPTQ. none: natural; static: columns by descending diag(H), groups in natural
@@ -27,6 +29,9 @@ class Scheme:
     sym: bool = True                 # symmetric grid (zero at the middle code) or zero points
     act_order: ActOrder = ActOrder.NONE
     scale_dtype: str = "float16"     # dtype the artifact stores scales in: grids round to it before choosing codes
+    named: str | None = None         # a named scheme of schemes.SCHEMES (W8A8, FP8_DYNAMIC, ...): its weight type,
+                                     # its activations and its compressed-tensors layout (None: an integer grid, 16-bit
+                                     # activations, as bits/group_size/sym say)
 
     def __post_init__(self):
         object.__setattr__(self, "act_order", ActOrder(self.act_order))
@@ -52,6 +57,20 @@ class Scheme:
         """g_idx never decreases: every layout without a g_idx of its own can hold it."""
         return self.act_order != ActOrder.DYNAMIC or self.group_size == -1
 
+    @property
+    def preset(self) -> NamedScheme | None:
+        return SCHEMES[self.named] if self.named else None
+
+    @property
+    def weight_type(self) -> str:
+        """int (codes on an integer grid) | float (FP8 E4M3 values times a scale)."""
+        return self.preset.weights.type if self.preset else "int"
+
+    @property
+    def activations(self) -> Quant | None:
+        """How the inputs of each quantized Linear are quantized when it runs (None: they stay 16-bit)."""
+        return self.preset.activations if self.preset else None
+
     def replace(self, **changes) -> "Scheme":
         return replace(self, **changes)
 
@@ -61,4 +80,4 @@ class Scheme:
 
     def as_dict(self) -> dict:
         return {"bits": self.bits, "group_size": self.group_size, "sym": self.sym, "act_order": self.act_order.value,
-                "scale_dtype": self.scale_dtype}
+                "scale_dtype": self.scale_dtype, **({"scheme": self.named} if self.named else {})}

@@ -25,6 +25,32 @@ class Quant:
     dynamic: bool | str = False
     scale_dtype: str | None = None
 
+    def words(self) -> str:
+        """'int8 per channel', 'FP4 in groups of 16 with a global scale', as the model card says it."""
+        kind = f"int{self.bits}" if self.type == "int" else f"FP{self.bits}"
+        where = {"channel": "per channel", "tensor": "per tensor", "token": "per token",
+                 "group": f"in groups of {self.group_size}",
+                 "block": f"in {'x'.join(map(str, self.block or ()))} blocks",
+                 "tensor_group": f"in groups of {self.group_size} with a per-tensor global scale"}[self.strategy]
+        return f"{kind} {where}" + ("" if self.symmetric else " with zero points")
+
+    def args(self) -> dict:
+        """As a compressed-tensors QuantizationArgs entry of a checkpoint's quantization_config."""
+        return {"num_bits": self.bits, "type": self.type, "symmetric": self.symmetric, "strategy": self.strategy,
+                "group_size": self.group_size, "block_structure": list(self.block) if self.block else None,
+                "dynamic": self.dynamic, "actorder": None, "observer": None if self.dynamic is True else "minmax",
+                **({"scale_dtype": self.scale_dtype} if self.scale_dtype else {})}
+
+    @classmethod
+    def of_args(cls, a: dict | None) -> "Quant | None":
+        """A QuantizationArgs entry read back (None stays None)."""
+        if a is None:
+            return None
+        block = a.get("block_structure")
+        return cls(a.get("type", "int"), a["num_bits"], a.get("strategy") or "tensor", a.get("group_size"),
+                   tuple(block) if block else None, a.get("symmetric", True), a.get("dynamic", False),
+                   a.get("scale_dtype"))
+
 
 @dataclass(frozen=True)
 class NamedScheme:
@@ -33,6 +59,19 @@ class NamedScheme:
     activations: Quant | None       # None: weight-only (activations stay 16-bit)
     layout: str                     # the compressed-tensors format that stores it
     hardware: str                   # what it is made for, as llm-compressor's guide says (not a runtime check)
+
+    def words(self) -> str:
+        """'W8A8: weights int8 per channel, activations int8 per token (at run time)'."""
+        a = self.activations
+        acts = "activations 16-bit" if a is None else \
+            f"activations {a.words()} ({'at run time' if a.dynamic is True else 'scales from calibration'})"
+        return f"{self.name}: weights {self.weights.words()}, {acts}"
+
+
+def named(weights: Quant, activations: Quant | None, layout: str) -> str | None:
+    """The table's name for what a checkpoint holds (None: no entry is exactly that)."""
+    return next((s.name for s in SCHEMES.values()
+                 if (s.weights, s.activations, s.layout) == (weights, activations, layout)), None)
 
 
 _NVFP4 = Quant("float", 4, "tensor_group", 16, scale_dtype="float8_e4m3fn")

@@ -121,6 +121,8 @@ def smol_recipes():
         "rtn-g64": (QuantConfig(scheme=Scheme(group_size=64), algorithm="rtn"), None),
         "rtn-g64-asym": (QuantConfig(scheme=Scheme(group_size=64, sym=False), algorithm="rtn"), None),
         "rtn-g128": (QuantConfig(scheme=Scheme(group_size=128), algorithm="rtn"), None),
+        "rtn-w8a8": (QuantConfig(scheme=Scheme(8, -1, named="W8A8"), algorithm="rtn"), "compressed-tensors"),
+        "rtn-fp8-dynamic": (QuantConfig(scheme=Scheme(8, -1, named="FP8_DYNAMIC"), algorithm="rtn"), "compressed-tensors"),
     }
 
 

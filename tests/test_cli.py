@@ -21,6 +21,10 @@ def quantfarm(*args, timeout=120):
     (["--set", "awq_grid=40"], "awq_grid: only for algorithm awq"),
     (["--algorithm", "awq", "--format", "awq", "--set", "awq_grid=1"], "awq_grid"),
     (["--set", "damp_percent=0.1"], "one of the algorithms' knobs (awq_grid"),
+    (["--scheme", "W8A8", "--bits", "4"], "scheme W8A8 fixes bits=8"),
+    (["--scheme", "W8A8", "--format", "gptq"], "int-quantized; gptq cannot hold it"),
+    (["--scheme", "NVFP4"], "nvfp4-pack-quantized is not implemented yet"),
+    (["--scheme", "FP8_DYNAMIC", "--algorithm", "gptq"], "--algorithm rtn rounds them"),
 ])
 def test_invalid_settings_exit_2_with_the_field(tmp_path, args, message):
     r = quantfarm("quantize", "smollm2-135m", *args, "--out", str(tmp_path / "x"))

@@ -351,7 +351,7 @@ def test_farm_admission_checks_gguf_before_queueing(tools, tmp_path, monkeypatch
     assert admitted.revision
     facts = admission.model_facts(admitted.source)
     n = sum(p.numel() for p in facts.meta_model.parameters())
-    assert fmt.GGUF().estimate_bytes(facts.meta_model, spec.scheme()) == fmt.max_file_bytes(n) >= n
+    assert fmt.GGUF().estimate_bytes(facts.meta_model, spec.weight_scheme()) == fmt.max_file_bytes(n) >= n
     import shutil
     odd = Path(shutil.copytree(ok, tmp_path / "odd"))
     cfg = json.loads((odd / "config.json").read_text())

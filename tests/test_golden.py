@@ -67,6 +67,23 @@ def _digests(folder) -> tuple[dict[str, str], dict[str, str]]:
     return hashes, stamps
 
 
+SCHEME_GOLDEN = {  # named scheme (compressed-tensors int-quantized / float-quantized) -> digests as GOLDEN's
+    "W8A8": {'config.json': '05500c337642745c', 'generation_config.json': 'd0dd77abad9ca3fe',
+             'model.safetensors': 'cbdf1e76d7a9c74e'},
+    "FP8_DYNAMIC": {'config.json': 'a2ed1fffc4ceb1f4', 'generation_config.json': 'd0dd77abad9ca3fe',
+                    'model.safetensors': '44e3c52c466fd37f'},
+}
+
+
+@pytest.mark.parametrize("name", ["W8A8", "FP8_DYNAMIC"])
+def test_scheme_artifact_bytes_are_unchanged(tmp_path, name):
+    model = tiny.tiny_model("qwen2")
+    cfg = QuantConfig(scheme=Scheme(bits=8, group_size=-1, sym=True, named=name), algorithm="rtn")
+    q, _ = quantize_model(model, None, cfg)
+    out = save(tmp_path / "a", model, None, q, cfg, "compressed-tensors", {"quantizer": ["quantfarm:golden"]})
+    assert _digests(out)[0] == SCHEME_GOLDEN[name]
+
+
 @pytest.mark.parametrize("fmt, sym", [("gptq", True), ("gptq", False), ("awq", False), ("compressed-tensors", True),
                                       ("compressed-tensors", False)])
 def test_artifact_bytes_are_unchanged(tmp_path, fmt, sym):

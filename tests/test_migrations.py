@@ -42,10 +42,10 @@ def test_0004_unsets_act_order_and_keeps_recipe_keys(db):
     migrate(store.engine)
     job = store.get("a" * 32)
     spec = JobSpec.model_validate(job["spec"])
-    assert "act_order" not in job["spec"] and spec.scheme().act_order.value == "none"
+    assert "act_order" not in job["spec"] and spec.weight_scheme().act_order.value == "none"
     assert spec.recipe_key("rev0") == job["recipe_key"] == OLD_AWQ_KEY   # the same job, artifact and publication
     with store.engine.begin() as conn:
         kept = conn.execute(sa.select(releases.c.spec)).scalar_one()
     assert [v.get("act_order") for v in kept["variants"]] == [None, "dynamic"]    # only "static" is unset
-    assert [v.scheme().act_order.value for v in ReleaseSpec.model_validate(kept).variants] == ["none", "dynamic"]
+    assert [v.weight_scheme().act_order.value for v in ReleaseSpec.model_validate(kept).variants] == ["none", "dynamic"]
     migrate(store.engine)                                # idempotent

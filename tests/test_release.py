@@ -185,3 +185,17 @@ def test_smollm2_release_shares_baseline_and_calibration(tmp_path):
     assert w4["perplexity"]["fp16"] == w8["perplexity"]["fp16"]
     assert w8["perplexity"]["quantized"] < w4["perplexity"]["quantized"] and w8["recovery"] > 0.97
     assert w4["size_bytes"] < w8["size_bytes"] and set(w4["loads_in"]) >= {"vllm", "transformers"}
+
+
+def test_hardware_presets_name_their_schemes():
+    """hopper / ampere / cpu: the schemes llm-compressor's guide pairs with that hardware; a scheme whose group
+    would be ragged on the model becomes its grid at the fitted group, without the scheme's name."""
+    by_name = {n: (s, note) for n, s, note in ReleaseSpec(model="m", preset="hopper").jobs("rev", {576, 1536})}
+    assert set(by_name) == {"rtn-fp8-dynamic", "gptq-w4a16-g64"}
+    fp8, w4 = by_name["rtn-fp8-dynamic"], by_name["gptq-w4a16-g64"]
+    assert (fp8[0].scheme, fp8[0].format, fp8[0].algorithm, fp8[1]) == ("FP8_DYNAMIC", "compressed-tensors", "rtn", None)
+    assert (w4[0].scheme, w4[0].bits, w4[0].group_size) == (None, 4, 64) and "W4A16's grid at group 64" in w4[1]
+    cpu = {n: s for n, s, _ in ReleaseSpec(model="m", preset="cpu").jobs("rev", {4096, 14336})}
+    assert cpu["gptq-w8a8"].scheme == "W8A8" and cpu["gguf-q4_k_m"].gguf_type == "Q4_K_M"
+    ampere = {n: s for n, s, _ in ReleaseSpec(model="m", preset="ampere").jobs("rev", {4096})}
+    assert {(s.scheme, s.group_size) for s in ampere.values()} == {("W4A16", 128), ("W8A16", 128)}

@@ -115,7 +115,7 @@ def _kernels_of(model) -> dict[str, str]:
         scheme = getattr(m, "scheme", None)              # compressed-tensors: the scheme holds the kernel
         if method is None or type(method).__name__.startswith("Unquantized") or not hasattr(m, "input_size"):
             continue
-        kernel = getattr(scheme or method, "kernel", None)
+        kernel = getattr(scheme or method, "kernel", None) or getattr(scheme, "fp8_linear", None)   # FP8: its own
         out[name] = type(kernel if kernel is not None else (scheme or method)).__name__
     return out
 
@@ -128,7 +128,9 @@ def _pretend_cuda():
     """Make vLLM see the CUDA build's platform at _Capability.value. vLLM modules bind `current_platform`
     at import, so they are imported first (under the real CPU platform: the CUDA attention modules cannot
     import here) and every vLLM module's binding is then replaced. The CUDA build of vllm 0.32.0 requires
-    humming-kernels, whose kernel is vLLM's last resort for any WNA16 layer: `has_humming` says so too."""
+    humming-kernels, whose kernel is vLLM's last resort for any WNA16 layer: `has_humming` says so too. Its
+    compiled ops answer whether CUTLASS runs FP8 at a capability; the CPU build has no such op, so the answer is
+    the one the CUDA build's source gives (sm89 and newer)."""
     import vllm.model_executor.kernels.linear  # noqa: F401
     import vllm.model_executor.layers.linear  # noqa: F401
     import vllm.model_executor.layers.quantization as quantization
@@ -160,6 +162,8 @@ def _pretend_cuda():
             m.current_platform = cuda
         if "has_humming" in vars(m):
             m.has_humming = lambda: True
+    import vllm._custom_ops as ops
+    ops.cutlass_scaled_mm_supports_fp8 = lambda capability: capability >= 89
 
 
 def _single_process_group():
@@ -189,7 +193,7 @@ def gpu_path(capabilities: list[int], jobs: list[dict], out: str):
 def _gpu_path_of(job: dict) -> dict:
     import glob
 
-    from vllm.config import LoadConfig, ModelConfig, VllmConfig
+    from vllm.config import LoadConfig, ModelConfig, VllmConfig, get_current_vllm_config
     from vllm.model_executor.layers.linear import ReplicatedLinear
     from vllm.model_executor.model_loader.weight_utils import safetensors_weights_iterator
     from vllm.utils.torch_utils import set_default_torch_dtype
@@ -202,6 +206,8 @@ def _gpu_path_of(job: dict) -> dict:
     files = sorted(glob.glob(os.path.join(job["folder"], "*.safetensors")))
     tensors = dict(safetensors_weights_iterator(files, False))
     layers = {}
+    current = get_current_vllm_config()
+    current.model_config = mc               # FP8 schemes read the model's dtype from the current config
     for name, (i, o, bias) in job["linears"].items():
         try:      # TP = 1, each checkpoint Linear as its own layer (vLLM merges q/k/v and gate/up along out)
             with set_default_torch_dtype(mc.dtype):                   # as vLLM builds a model

@@ -11,6 +11,7 @@ from core.errors import SpecError
 
 from ..grid import QuantizedWeight
 from ..scheme import Scheme
+from ..schemes import SCHEMES
 
 
 @dataclass
@@ -74,6 +75,8 @@ class Format:
     def summary_line(self, st: dict) -> str:
         """`quantize`'s format line from the settings used."""
         act = st["act_order"]
+        if st.get("scheme"):
+            return f"{self.name} {SCHEMES[st['scheme']].words()} ({st['algorithm']})"
         return (f"{self.name} {st['bits']}-bit g{st['group_size']} {'sym' if st['sym'] else 'asym'}"
                 f"{' act-order ' + act if act != 'none' else ''} ({st['algorithm']})")
 
@@ -97,13 +100,22 @@ class Format:
         return None
 
     # ---- what it can hold
+    def holds(self, q: Scheme) -> list[str]:
+        """Why no Linear of any shape can be written with `q` (empty: some can); JobSpec asks it at validation."""
+        if q.named and q.preset.layout != "pack-quantized":
+            return [f"scheme {q.named} is written as compressed-tensors {q.preset.layout}; {self.name} cannot hold it: "
+                    "use --format compressed-tensors"]
+        return []
+
     def check(self, q: Scheme, in_features: int, out_features: int) -> None:
         """Raise SpecError saying why a Linear of this shape cannot be written with `q`."""
         raise NotImplementedError
 
     def problems(self, q: Scheme, shapes) -> list[str]:
         """Every distinct reason the (in, out) shapes cannot be written with `q` (empty: they can)."""
-        out = []
+        out = self.holds(q)
+        if out:
+            return out
         for i, o in sorted(shapes):
             try:
                 self.check(q, i, o)
@@ -125,6 +137,11 @@ class Format:
     def to_tensors(self, qw: QuantizedWeight, storage: torch.dtype) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def writer(self, qc: dict):
+        """to_tensors(qw, storage) for an artifact whose quantization_config is `qc` (a format with several
+        layouts picks the one `qc` names)."""
+        return self.to_tensors
+
     def config(self, q: Scheme, algorithm: dict, meta: dict) -> tuple[dict, dict[str, dict]]:
         """(config.json's quantization_config, {side file name: content}); `algorithm` holds the
         algorithm's settings a loader may want (GPTQ's damp_percent, true_sequential)."""
@@ -143,11 +160,20 @@ class Format:
         """(tensor names of one Linear, decode({name: tensor}) -> QuantizedWeight) for this artifact."""
         raise NotImplementedError
 
-    def linear_shape(self, key: str, shape: list[int], q: Scheme) -> tuple[str, tuple[int, int]] | None:
-        """(module, (in, out)) when a safetensors header entry is a quantized Linear's marker tensor."""
+    def marker_of(self, qc: dict) -> str:
+        """The marker tensor of this artifact's quantized Linears."""
+        return self.marker
+
+    def activations(self, qc: dict):
+        """How the artifact's quantized Linears round their inputs when they run (schemes.Quant; None: 16-bit)."""
+        return None
+
+    def linear_shape(self, key: str, entry: dict, q: Scheme) -> tuple[str, tuple[int, int]] | None:
+        """(module, (in, out)) when a safetensors header entry ({"dtype", "shape"}) is a quantized Linear's
+        marker tensor."""
         if not key.endswith("." + self.marker):
             return None
-        return key[:-len(self.marker) - 1], self.unpacked_shape(shape, q)
+        return key[:-len(self.marker) - 1], self.unpacked_shape((entry["shape"] + [0, 0])[:2], q)
 
     def unpacked_shape(self, shape: list[int], q: Scheme) -> tuple[int, int]:
         raise NotImplementedError

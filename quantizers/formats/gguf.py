@@ -159,7 +159,7 @@ class GGUF(Format):
                                                      "(e.g. 4G) with llama-gguf-split; unset: files over 48 GB are "
                                                      "split at 48G (the Hub takes at most 50 GB a file)")),
     }
-    ignores = ("algorithm", "bits", "group_size", "sym", "act_order", "true_sequential", "damp_percent", "keep")
+    ignores = ("algorithm", "scheme", "bits", "group_size", "sym", "act_order", "true_sequential", "damp_percent", "keep")
     why_ignored = "whose type (gguf_type, e.g. Q4_K_M) sets the bits and llama-quantize quantizes"
 
     def settle(self, values: dict) -> dict:

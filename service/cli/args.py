@@ -4,7 +4,7 @@ import argparse
 
 
 class TableNames:
-    """The names in the algorithm or format table, looked up when argparse first needs them: building the
+    """The names in the algorithm, format or scheme table, looked up when argparse first needs them: building the
     parser imports no torch, so the client commands start at once."""
 
     def __init__(self, table: str):
@@ -13,6 +13,8 @@ class TableNames:
     def _names(self) -> list[str]:
         if self.table == "formats":
             from quantizers.formats import FORMATS as table
+        elif self.table == "schemes":
+            from quantizers.schemes import SCHEMES as table
         else:
             from quantizers.algorithms import ALGORITHMS as table
         return list(table)
@@ -49,18 +51,23 @@ def model_arguments(p):
 
 def weight_arguments(p):
     """What a variant of a release may set: how the weights are quantized and stored."""
-    p.add_argument("--algorithm", default="gptq", choices=TableNames("algorithms"), help="how weights are quantized")
-    p.add_argument("--format", default="gptq", choices=TableNames("formats"),
-                   help="how they are stored (awq: 4-bit AWQ GEMM; compressed-tensors: pack-quantized, vLLM-native; "
-                        "gguf: llama.cpp's converter and llama-quantize, with --gguf-type)")
+    p.add_argument("--algorithm", choices=TableNames("algorithms"),
+                   help="how weights are quantized (default gptq; rtn for a scheme with FP8 weights)")
+    p.add_argument("--format", choices=TableNames("formats"),
+                   help="how they are stored (default gptq, compressed-tensors with --scheme; awq: 4-bit AWQ GEMM; "
+                        "compressed-tensors: vLLM-native; gguf: llama.cpp's converter and llama-quantize, with "
+                        "--gguf-type)")
+    p.add_argument("--scheme", choices=TableNames("schemes"),
+                   help="a named scheme, as llm-compressor names its presets: W4A16, W8A8 (int8 weights and "
+                        "activations), FP8_DYNAMIC, ...; it sets --bits/--group-size/--sym")
     p.add_argument("--gguf-type", metavar="TYPE", help="format gguf: the llama-quantize type (Q2_K, Q3_K_M, Q4_K_M, "
                    "Q5_K_M, Q6_K, Q8_0, IQ4_XS, ...; default Q4_K_M)")
     p.add_argument("--imatrix", choices=["quantfarm", "llama", "none"],
                    help="format gguf: the importance matrix: quantfarm (default; from the calibration forward), "
                         "llama (llama.cpp's llama-imatrix on the calibration text) or none")
     p.add_argument("--gguf-shard", metavar="SIZE", help="format gguf: split into files of at most SIZE (e.g. 48G)")
-    p.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8])
-    p.add_argument("--group-size", type=int, default=128, help="columns per group; -1 for one group per row")
+    p.add_argument("--bits", type=int, choices=[2, 3, 4, 8], help="(default: 4)")
+    p.add_argument("--group-size", type=int, help="columns per group; -1 for one group per row (default: 128)")
     sym = p.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="sym", action="store_true", default=None,
                      help="symmetric grid (default for gptq and rtn)")
@@ -172,9 +179,9 @@ def knobs_from_args(pairs: list[str]) -> dict:
 
 def spec_from_args(a, **extra):
     from service.job.spec import JobSpec
-    return JobSpec(algorithm=a.algorithm, format=a.format, bits=a.bits, group_size=a.group_size, sym=a.sym,
-                   act_order=a.act_order, true_sequential=a.true_sequential, damp_percent=a.damp, keep=a.keep,
-                   **_given(gguf_type=a.gguf_type, imatrix=a.imatrix, gguf_shard=a.gguf_shard),
+    return JobSpec(sym=a.sym, act_order=a.act_order, true_sequential=a.true_sequential, damp_percent=a.damp, keep=a.keep,
+                   **_given(algorithm=a.algorithm, format=a.format, scheme=a.scheme, bits=a.bits,
+                            group_size=a.group_size, gguf_type=a.gguf_type, imatrix=a.imatrix, gguf_shard=a.gguf_shard),
                    **knobs_from_args(a.knobs), **shared_from_args(a), **extra)
 
 

@@ -10,6 +10,7 @@ from core.errors import ArtifactError
 from quantizers import formats
 from quantizers.artifact import read_quant_config
 from quantizers.moe import has_experts, is_router
+from quantizers.schemes import SCHEMES
 
 from . import preflight
 
@@ -38,7 +39,7 @@ def quantized_shapes(headers: dict, t: preflight.Target) -> dict[str, tuple[int,
     """{module: (in, out)} from packed tensor shapes."""
     fmt, out = formats.get(t.format), {}
     for k, h in headers.items():
-        found = fmt.linear_shape(k, (h["shape"] + [0, 0])[:2], t.scheme)
+        found = fmt.linear_shape(k, h, t.scheme)
         if found:
             out[found[0]] = found[1]
     return out
@@ -103,7 +104,9 @@ def render(d: dict) -> str:
         return own
     s, mb = d["settings"], 2 ** 20
     lines = [f"artifact     {d['artifact']}",
-             f"format       {d['format']} {s['bits']}-bit g{s['group_size']} {'sym' if s['sym'] else 'asym'}"
+             f"format       {d['format']} "
+             + (f"{SCHEMES[s['scheme']].words()} " if s.get("scheme") else "")
+             + f"{s['bits']}-bit g{s['group_size']} {'sym' if s['sym'] else 'asym'}"
              f"{' act-order ' + s['act_order'] if s['act_order'] != 'none' else ''} ({s['algorithm']})",
              f"model        {', '.join(d['model']['architectures'] or ['?'])}, {d['model']['layers']} layers, "
              f"hidden {d['model']['hidden_size']}, {d['model']['dtype']}",

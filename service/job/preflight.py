@@ -26,13 +26,14 @@ class Target:
     @classmethod
     def of(cls, spec, model) -> "Target":
         """What a job of `spec` makes of `model` (loaded, or built from its config on the meta device)."""
-        return cls(spec.format, spec.algorithm, spec.scheme(), is_moe(model))
+        return cls(spec.format, spec.algorithm, spec.weight_scheme(), is_moe(model))
 
     def as_dict(self) -> dict:
         """The flat form reports, `inspect` and the API show."""
         s = self.scheme
         return {"format": self.format, "algorithm": self.algorithm, "bits": s.bits, "group_size": s.group_size,
-                "sym": s.sym, "act_order": s.act_order.value, "moe": self.moe}
+                "sym": s.sym, "act_order": s.act_order.value, "moe": self.moe,
+                **({"scheme": s.named} if s.named else {})}
 
 
 def problems(t: Target, shapes: set[tuple[int, int]]) -> list[str]:

@@ -30,6 +30,10 @@ def _g(gguf_type: str) -> dict:
     return dict(name=f"gguf-{gguf_type.lower()}", format="gguf", gguf_type=gguf_type)
 
 
+def _s(scheme: str, **kw) -> dict:
+    return dict(scheme=scheme, **kw)         # named by its settings: gptq-w8a8, rtn-fp8-dynamic
+
+
 GGUF = [_g(t) for t in GGUF_PRESET]             # the sizes llama.cpp users pick from, with quantfarm's imatrix
 
 # The field's usual sets. GPTQ act-order is the static kind: the quality of act-order with groups that keep
@@ -42,6 +46,11 @@ PRESETS = {
                  _v("gptq-8bit-128g-actorder", "gptq", "gptq", 8, 128, act_order="static"),
                  _v("awq-4bit-128g", "awq", "awq", 4, 128), *GGUF],
     "gguf": GGUF,
+    # by hardware, as llm-compressor's guide pairs schemes with it (quantizers/schemes.py); Blackwell's NVFP4
+    # is not made yet, so there is no `blackwell` preset
+    "hopper": [_s("FP8_DYNAMIC"), _s("W4A16")],
+    "ampere": [_s("W4A16"), _s("W8A16")],
+    "cpu": [_s("W8A8"), _g("Q4_K_M")],
 }
 
 
@@ -141,8 +150,11 @@ class ReleaseSpec(BaseModel):
                     note = f"group {g} is ragged on input widths {sorted(input_widths)} and no group of 16 or more fits; kept"
                 else:
                     note = f"group {g} -> {fit}: input widths {sorted(input_widths)} are not all multiples of {g}"
-                    name = v.name.replace(f"g{g}", f"g{fit}").replace(f"{g}g", f"{fit}g")
-                    v = v.model_copy(update={"group_size": fit, "name": name})
+                    name = v.label().replace(f"g{g}", f"g{fit}").replace(f"{g}g", f"{fit}g")
+                    if v.scheme:      # the named scheme fixes its group: what is written is its grid at the new one
+                        note += f" ({v.scheme}'s grid at group {fit}, so not named {v.scheme})"
+                        name += f"-g{fit}"
+                    v = v.model_copy(update={"group_size": fit, "name": name, "scheme": None})
             out.append((v, note))
         return out
 

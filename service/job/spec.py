@@ -14,6 +14,7 @@ from quantizers.algorithms import ALGORITHMS
 from quantizers.config import QuantConfig
 from quantizers.formats import FORMATS
 from quantizers.scheme import ActOrder, Scheme
+from quantizers.schemes import SCHEMES
 
 
 class Calibration(BaseModel):
@@ -87,6 +88,8 @@ def settings_label(s) -> str:
     own = FORMATS[s.format].label(s)
     if own:
         return own
+    if s.scheme:
+        return f"{s.algorithm}-{s.scheme.lower().replace('_', '-')}"
     g = "pc" if s.group_size == -1 else f"g{s.group_size}"
     fmt = "" if s.format == s.algorithm else f"{s.format}-"
     asym = s.sym is False and not ALGORITHMS[s.algorithm].SYM_FIXED
@@ -98,7 +101,13 @@ class _Weights(BaseModel):
     formats' own knobs are added from the tables (WeightSettings below), and checked against them."""
     model_config = ConfigDict(extra="forbid")
     algorithm: Literal[tuple(ALGORITHMS)] = Field("gptq", description="how weights are quantized")
-    format: Literal[tuple(FORMATS)] = Field("gptq", description="how they are stored")
+    format: Literal[tuple(FORMATS)] = Field("gptq", description="how they are stored (with a scheme: "
+                                            "compressed-tensors unless given)")
+    scheme: Literal[tuple(SCHEMES)] | None = Field(
+        None, description="a named scheme (llm-compressor's presets): W4A16, W4A16_ASYM, W8A16, W8A8 (int8 weights per "
+        "channel, int8 activations per token), FP8_DYNAMIC (FP8 weights per channel, FP8 activations per token), ...; "
+        "it sets bits, group_size and sym (given ones must agree) and, for activation schemes, the compressed-tensors "
+        "layout; FP8 weights default to algorithm rtn")
     bits: Literal[2, 3, 4, 8] = 4
     group_size: int = Field(128, ge=-1, le=65_536, description="columns per group, -1 for one group per row")
     sym: bool | None = Field(None, description="symmetric grid; default: the algorithm's (true for gptq/rtn, "
@@ -121,6 +130,25 @@ class _Weights(BaseModel):
                 raise ValueError("give act_order, or the older desc_act/static_groups, not both")
             data = dict(data)
             data["act_order"] = ActOrder.of(bool(data.pop("desc_act", True)), bool(data.pop("static_groups", True)))
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _named_scheme(cls, data):
+        """A scheme fills the grid it fixes (a given bits/group_size/sym must agree), compressed-tensors when no
+        format is given, and rtn for float weights when no algorithm is (GPTQ rounds onto integer grids)."""
+        if not isinstance(data, dict) or not isinstance(data.get("scheme"), str) or data["scheme"] not in SCHEMES:
+            return data                 # no scheme, or not one of the table's: the field's own check refuses it
+        w = SCHEMES[data["scheme"]].weights
+        fixed = {"bits": w.bits, "group_size": w.group_size or -1, "sym": w.symmetric}
+        clash = [f"{k}={data[k]!r}" for k, v in fixed.items() if data.get(k) is not None and data[k] != v]
+        if clash:
+            raise ValueError(f"scheme {data['scheme']} fixes bits={w.bits}, group_size={fixed['group_size']}, "
+                             f"sym={w.symmetric}; {', '.join(clash)} disagrees: leave it unset")
+        data = {**data, **fixed}
+        data.setdefault("format", "compressed-tensors")
+        if w.type == "float":
+            data.setdefault("algorithm", "rtn")
         return data
 
     @field_validator("group_size")
@@ -151,16 +179,17 @@ class _Weights(BaseModel):
         for k, v in fmt.settle({k: getattr(self, k) for k in fmt.knobs}).items():
             setattr(self, k, v)
         if "algorithm" not in fmt.ignores:
-            why = ALGORITHMS[self.algorithm].problems(self.scheme(), ())
+            why = ALGORITHMS[self.algorithm].problems(self.weight_scheme(), ()) + fmt.holds(self.weight_scheme())
             if why:
                 raise ValueError(why[0])
         return self
 
-    def scheme(self) -> Scheme:
-        """The weight grid, each unset choice at the algorithm's default."""
+    def weight_scheme(self) -> Scheme:
+        """The weight grid, each unset choice at the algorithm's default, and the named scheme if one is given
+        (`scheme` is its name; this is the Scheme object the walk and the writers take)."""
         alg = ALGORITHMS[self.algorithm]
         return Scheme(self.bits, self.group_size, alg.SYM_DEFAULT if self.sym is None else self.sym,
-                      alg.ACT_ORDER_DEFAULT if self.act_order is None else self.act_order)
+                      alg.ACT_ORDER_DEFAULT if self.act_order is None else self.act_order, named=self.scheme)
 
     def label(self) -> str:
         """The artifact's name where it is published."""
@@ -213,7 +242,7 @@ class JobSpec(WeightSettings):
 
     def quant_config(self) -> QuantConfig:
         alg = ALGORITHMS[self.algorithm]
-        return QuantConfig(algorithm=self.algorithm, scheme=self.scheme(), true_sequential=self.true_sequential,
+        return QuantConfig(algorithm=self.algorithm, scheme=self.weight_scheme(), true_sequential=self.true_sequential,
                            damp_percent=self.damp_percent, keep=tuple(self.keep),
                            **{k: getattr(self, k) for k in alg.KNOBS})
 
@@ -224,8 +253,10 @@ class JobSpec(WeightSettings):
         fmt = FORMATS[self.format]
         other = {k for k, (kind, owner, _) in KNOBS.items()
                  if owner != getattr(self, kind) or (kind == "algorithm" and not self._changed(k))}
+        unset = {"scheme"} if self.scheme is None else set()      # keys of jobs made before schemes stay the same
         d = self.model_dump(exclude={"evaluation", "revision", "merge", "allow_pickle", "trust_remote_code", "priority",
-                                     "publish", "min_recovery", "name", *other, *fmt.ignores, *fmt.recipe_fields(self)})
+                                     "publish", "min_recovery", "name", *other, *unset, *fmt.ignores,
+                                     *fmt.recipe_fields(self)})
         if "act_order" in d and self.act_order is None:
             # unset hashes as "static", the field's default before each algorithm declared its own: the keys of
             # jobs, artifacts and publications made before stay the same (migration 0004 unsets stored ones)
