@@ -13,19 +13,25 @@ INT8_DIVISOR = 127.0    # vLLM's; compressed-tensors' own forward (transformers)
 
 def problem(a: Quant | None) -> str | None:
     """Why activations of this kind are not run here (None: they are)."""
-    if a is None or (a.bits == 8 and a.strategy == "token" and a.dynamic is True and a.symmetric):
+    if a is None or not a.symmetric or a.bits != 8:
+        return None if a is None else f"{a.type} {a.bits}-bit activations are not implemented yet"
+    if (a.strategy == "token" and a.dynamic is True) or (a.type, a.strategy, a.dynamic) == ("float", "tensor", False):
         return None
     return (f"{a.type} {a.bits}-bit activations with {a.strategy} scales ({'dynamic' if a.dynamic else 'static'}) are "
-            "not implemented yet; the dynamic per-token 8-bit schemes (W8A8, FP8_DYNAMIC) are")
+            "not implemented yet; dynamic per-token 8-bit (W8A8, FP8_DYNAMIC) and static per-tensor FP8 (FP8) are")
 
 
-def fake_quantize(x: torch.Tensor, a: Quant) -> torch.Tensor:
-    """x rounded as the runtime rounds it, back in x's dtype (the arithmetic in float32)."""
+def fake_quantize(x: torch.Tensor, a: Quant, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x rounded as the runtime rounds it, back in x's dtype (the arithmetic in float32); `scale`: the static
+    input scale calibration fixed (FP8 per tensor)."""
     why = problem(a)
     if why:
         raise NotImplementedError(why)
     xf = x.float()
     top = INT8_DIVISOR if a.type == "int" else FP8_MAX
-    s = (xf.abs().amax(-1, keepdim=True) / top).clamp(min=torch.finfo(torch.float32).tiny)
+    if a.dynamic is False:
+        s = scale.float()
+    else:
+        s = (xf.abs().amax(-1, keepdim=True) / top).clamp(min=torch.finfo(torch.float32).tiny)
     q = torch.round(xf / s).clamp(-128, 127) if a.type == "int" else float_codes(xf, s).float()
     return (q * s).to(x.dtype)

@@ -174,7 +174,9 @@ class DequantLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.to(dtype), requires_grad=False)
 
     def forward(self, x):
-        return nn.functional.linear(x if self.inputs is None else fake_quantize(x, self.inputs), self.weight, self.bias)
+        if self.inputs is not None:
+            x = fake_quantize(x, self.inputs, self.quantized.input_scale)
+        return nn.functional.linear(x, self.weight, self.bias)
 
 
 def read_tensors(folder: Path) -> dict[str, torch.Tensor]:

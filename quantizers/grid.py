@@ -6,6 +6,7 @@ asym rounds it to round(-xmin / scale). Scales are rounded to the checkpoint's s
 (float16; compressed-tensors: the model's) *before* the codes are chosen, so the artifact holds
 exactly the weights the algorithm propagated through later layers.
 """
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -19,9 +20,11 @@ FP8_MAX = 448.0         # largest finite E4M3 value
 class QuantizedWeight:
     """One Linear's quantized weight, layout-neutral.
 
-    codes [out, in] uint8 in [0, maxq] (float weights: float8_e4m3fn values, zeros 0); scales [G, out] float32 (exact in the scale dtype); zeros [G, out]
-    int32; g_idx [in] int32 maps each input channel to its group (rows of scales/zeros).
-    Dequantized: W[n, k] = scales[g_idx[k], n] * (codes[n, k] - zeros[g_idx[k], n]).
+    codes [out, in] uint8 in [0, maxq] (float weights: float8_e4m3fn values, zeros 0); scales [G, out] float32
+    (exact in the scale dtype); zeros [G, out] int32; g_idx [in] int32 maps each input channel to its group
+    (rows of scales/zeros).
+    Dequantized: W[n, k] = scales[g_idx[k], n] * (codes[n, k] - zeros[g_idx[k], n]). input_scale: the static
+    scale its inputs are rounded with when it runs (FP8 static activations; from calibration), else None.
     """
     codes: torch.Tensor
     scales: torch.Tensor
@@ -30,6 +33,7 @@ class QuantizedWeight:
     bits: int
     group_size: int
     sym: bool
+    input_scale: torch.Tensor | None = None
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         g = self.g_idx.long()
@@ -39,8 +43,12 @@ class QuantizedWeight:
 
     def rows(self, start: int, stop: int) -> "QuantizedWeight":
         """The slice of output channels [start, stop): splits a concatenated q/k/v result."""
-        return QuantizedWeight(self.codes[start:stop], self.scales[:, start:stop], self.zeros[:, start:stop],
-                               self.g_idx, self.bits, self.group_size, self.sym)
+        return dataclasses.replace(self, codes=self.codes[start:stop], scales=self.scales[:, start:stop],
+                                   zeros=self.zeros[:, start:stop])
+
+    def cpu(self) -> "QuantizedWeight":
+        return dataclasses.replace(self, **{f.name: v.cpu() for f in dataclasses.fields(self)
+                                            if isinstance(v := getattr(self, f.name), torch.Tensor)})
 
 
 def grid_params(W: torch.Tensor, bits: int, sym: bool, scale_dtype: torch.dtype = torch.float16):

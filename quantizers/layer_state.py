@@ -40,6 +40,8 @@ class LayerState:
         for name, qw in results.items():
             for k in FIELDS:
                 t[f"{name}.{k}"] = getattr(qw, k).detach().cpu().clone()   # q/k/v share g_idx storage
+            if qw.input_scale is not None:
+                t[f"{name}.input_scale"] = qw.input_scale.detach().cpu().clone()
             grids[name] = [qw.bits, qw.group_size, qw.sym]
         t.update({STATE + k: v.detach().cpu().clone() for k, v in state.items()})
         meta = {"report": json.dumps(report), "grids": json.dumps(grids)}
@@ -54,7 +56,7 @@ class LayerState:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata()
         grids = json.loads(meta["grids"])
-        results = {n: QuantizedWeight(*(t[f"{n}.{k}"] for k in FIELDS), bits, gs, sym)
+        results = {n: QuantizedWeight(*(t[f"{n}.{k}"] for k in FIELDS), bits, gs, sym, t.get(f"{n}.input_scale"))
                    for n, (bits, gs, sym) in grids.items()}
         state = {k[len(STATE):]: v for k, v in t.items() if k.startswith(STATE)}
         return results, json.loads(meta["report"]), state

@@ -21,7 +21,8 @@ def quantize_weight(W: torch.Tensor, q: Scheme = Scheme()) -> QuantizedWeight:
     for g in range(G):
         cols = slice(g * gs, min((g + 1) * gs, in_f))
         if floats:
-            s, z = float_params(W[:, cols], scale_dtype), torch.zeros(out_f, device=W.device)
+            s = float_params(W[:, cols].reshape(1, -1) if q.per_tensor else W[:, cols], scale_dtype).expand(out_f)
+            z = torch.zeros(out_f, device=W.device)
             codes[:, cols] = float_codes(W[:, cols], s[:, None])
         else:
             s, z = grid_params(W[:, cols], bits, sym, scale_dtype)

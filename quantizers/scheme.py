@@ -71,6 +71,16 @@ class Scheme:
         """How the inputs of each quantized Linear are quantized when it runs (None: they stay 16-bit)."""
         return self.preset.activations if self.preset else None
 
+    @property
+    def per_tensor(self) -> bool:
+        """One weight scale per matrix (FP8 static) rather than per row or group."""
+        return bool(self.preset) and self.preset.weights.strategy == "tensor"
+
+    @property
+    def static_inputs(self) -> bool:
+        """Input scales fixed from calibration: the walk observes each Linear's inputs."""
+        return self.activations is not None and self.activations.dynamic is False
+
     def replace(self, **changes) -> "Scheme":
         return replace(self, **changes)
 

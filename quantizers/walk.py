@@ -7,6 +7,7 @@ device with the calibration activations, so a model larger than the device is qu
 The steps live beside their math (gptq_layer.py, awq_layer.py, rtn_layer.py) and are named in
 algorithms.py; this file knows nothing of any one algorithm.
 """
+import dataclasses
 import fnmatch
 import time
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from .algorithms import algorithm
 from .config import QuantConfig
 from .grid import QuantizedWeight
 from .layer_state import LayerState
+from .observe import input_scales
 from .layers import (StepOptions, capture_layer_inputs, decoder_layers, is_kept, layer_state, mark_kept,
                      module_names)
 
@@ -98,8 +100,10 @@ def quantize_model(model, tokens: torch.Tensor | None, cfg: QuantConfig, device=
     mark_kept(model, cfg.keep)
     layers = decoder_layers(model)
     prefix = module_names(model, layers)
-    if alg.NEEDS_DATA and tokens is None:
-        raise QuantizationError(f"{cfg.algorithm} needs calibration tokens")
+    observes = cfg.scheme.static_inputs           # static input scales come from the calibration forward
+    if (alg.NEEDS_DATA or observes) and tokens is None:
+        raise QuantizationError(f"{cfg.algorithm}{' with ' + cfg.scheme.named if observes else ''} needs calibration "
+                                "tokens")
     state = LayerState(state_dir, recipe or cfg.key()) if state_dir else None
     start = state.layers_done() if state else 0
     results: dict[str, QuantizedWeight] = {}
@@ -114,7 +118,7 @@ def quantize_model(model, tokens: torch.Tensor | None, cfg: QuantConfig, device=
         reports.append(LayerReport(**rep))
 
     hidden = kwargs = None
-    if alg.NEEDS_DATA:
+    if alg.NEEDS_DATA or observes:
         hidden, kwargs = capture_layer_inputs(model, layers, tokens, cfg.batch_size, device)
         if start:   # re-split: the interrupted run may have used another batch size
             hidden = list(torch.cat(state.load_inputs(device)).split(cfg.batch_size))
@@ -127,10 +131,13 @@ def quantize_model(model, tokens: torch.Tensor | None, cfg: QuantConfig, device=
         home = next(layer.parameters()).device
         layer.to(device)
         opts = StepOptions(device, replay_bytes, (lambda *a, i=i: on_group(i, *a)) if on_group else None)
+        inputs = hidden
         res, modules, hidden = alg.quantize_layer(layer, hidden, kwargs, cfg, opts)
+        if observes:
+            scales, hidden = input_scales(layer, inputs, kwargs, cfg.scheme)
+            res = {n: dataclasses.replace(v, input_scale=scales[n]) for n, v in res.items()}
         layer.to(home)
-        layer_results = {f"{prefix[i]}.{n}": QuantizedWeight(v.codes.cpu(), v.scales.cpu(), v.zeros.cpu(), v.g_idx.cpu(),
-                                                             v.bits, v.group_size, v.sym) for n, v in res.items()}
+        layer_results = {f"{prefix[i]}.{n}": v.cpu() for n, v in res.items()}
         report = LayerReport(i, time.perf_counter() - t0, modules)
         if state:
             state.save(i, layer_results, report.__dict__, hidden or [], layer_state(layer, prefix[i]))

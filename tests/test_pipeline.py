@@ -92,3 +92,19 @@ def test_awq_spec_defaults_and_refusals(tiny_dir, tmp_path):
     with pytest.raises(SpecError, match="multiple of the group size"):      # 64-wide tiny Linears, g48
         pipeline.run(spec(tiny_dir, algorithm="awq", format="awq", group_size=48), tmp_path / "x", device="cpu")
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("scheme", ["W8A8", "FP8_DYNAMIC", "FP8"])
+def test_a_named_scheme_through_the_pipeline(tiny_dir, tmp_path, scheme):
+    """The whole job with --scheme: calibration where the scheme needs it (FP8's static input scales, even with
+    RTN), the layout and the scheme in the report, the card and the settings line."""
+    s = JobSpec(model=tiny_dir, scheme=scheme, calibration={"source": "model", "samples": 4, "seq_len": 32},
+                evaluation={"text": "model", "windows": 2, "window_len": 32})
+    r = pipeline.run(s, tmp_path / "art", device="cpu")
+    qc = json.loads((tmp_path / "art" / "config.json").read_text())["quantization_config"]
+    assert qc["format"] == ("int-quantized" if scheme == "W8A8" else "float-quantized")
+    assert (r.calibration_hash is not None) == (scheme != "FP8_DYNAMIC")       # RTN calibrates only for FP8
+    report = json.loads((tmp_path / "art" / "report.json").read_text())
+    assert report["settings"]["scheme"] == scheme and r.perplexity["quantized"] > 0
+    card = (tmp_path / "art" / "README.md").read_text()
+    assert f"compressed-tensors {scheme}: weights" in card and "made for" in card

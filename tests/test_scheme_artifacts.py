@@ -17,7 +17,8 @@ from quantizers.grid import FP8, FP8_MAX
 from quantizers.scheme import Scheme
 from quantizers.walk import quantize_model
 
-MADE = {"W8A8": ("int-quantized", torch.int8), "FP8_DYNAMIC": ("float-quantized", torch.float8_e4m3fn)}
+MADE = {"W8A8": ("int-quantized", torch.int8), "FP8_DYNAMIC": ("float-quantized", torch.float8_e4m3fn),
+        "FP8": ("float-quantized", torch.float8_e4m3fn)}
 PROMPTS = tiny.calib(2, 24, seed=5)
 
 
@@ -29,20 +30,27 @@ def build(folder, name: str, algorithm: str = "rtn", arch: str = "llama"):
     original = copy.deepcopy(model)
     cfg = with_scale_dtype(QuantConfig(scheme=Scheme(8, -1, True, named=name), algorithm=algorithm),
                            "compressed-tensors", model)
-    q, _ = quantize_model(model, tiny.calib(8, 32) if algorithm != "rtn" else None, cfg)
+    q, _ = quantize_model(model, tiny.calib(8, 32) if algorithm != "rtn" or cfg.scheme.static_inputs else None, cfg)
     return save(folder, model, None, q, cfg, "compressed-tensors", {"algorithm": algorithm}), original
 
 
 def documented_read(folder) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(quantization_config, {module: dequantized weight}) read as compressed-tensors documents the layouts."""
+    """(quantization_config, {module: dequantized weight}) read as compressed-tensors documents the layouts:
+    weight_scale [out, 1] per channel or [1] per tensor; a static scheme's input_scale [1] beside it."""
     qc = json.loads((folder / "config.json").read_text())["quantization_config"]
+    group = qc["config_groups"]["group_0"]
+    per_tensor, static = group["weights"]["strategy"] == "tensor", group["input_activations"]["dynamic"] is False
     out = {}
     with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
         for k in sorted(f.keys()):
             if k.endswith(".weight_scale"):
                 m = k[:-len(".weight_scale")]
                 w, s = f.get_tensor(f"{m}.weight"), f.get_tensor(k)
-                assert s.shape == (w.shape[0], 1) and s.dtype == torch.bfloat16, (m, s.shape, s.dtype)
+                assert s.shape == ((1,) if per_tensor else (w.shape[0], 1)) and s.dtype == torch.bfloat16, (m, s.shape)
+                assert (f"{m}.input_scale" in f.keys()) == static
+                if static:
+                    i = f.get_tensor(f"{m}.input_scale")
+                    assert i.shape == (1,) and i.dtype == torch.bfloat16 and i.item() > 0
                 out[m] = w.float() * s.float()
     return qc, out
 
@@ -63,8 +71,10 @@ def test_the_documented_layout_reads_back_our_weights(tmp_path, name):
     qc, read = documented_read(folder)
     group = qc["config_groups"]["group_0"]
     assert qc["format"] == group["format"] == layout and qc["quant_method"] == "compressed-tensors"
-    assert group["weights"]["strategy"] == "channel" and group["weights"]["num_bits"] == 8
-    assert group["input_activations"]["strategy"] == "token" and group["input_activations"]["dynamic"] is True
+    assert group["weights"]["strategy"] == ("tensor" if name == "FP8" else "channel") and group["weights"]["num_bits"] == 8
+    static = name == "FP8"                 # per-tensor weights, inputs at a scale calibration fixed
+    assert group["input_activations"]["strategy"] == ("tensor" if static else "token")
+    assert group["input_activations"]["dynamic"] is (not static)
     assert group["input_activations"]["type"] == group["weights"]["type"] == ("int" if dtype == torch.int8 else "float")
     with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
         assert {f.get_tensor(f"{m}.weight").dtype for m in read} == {dtype}
@@ -73,7 +83,8 @@ def test_the_documented_layout_reads_back_our_weights(tmp_path, name):
     for m, W in read.items():
         assert torch.equal(W, ours[m]), m
         W0 = original.get_submodule(m).weight.float()
-        step = W0.abs().amax(1, keepdim=True) / (127.5 if dtype == torch.int8 else FP8_MAX)
+        step = (W0.abs().amax() if name == "FP8" else W0.abs().amax(1, keepdim=True)) / \
+            (127.5 if dtype == torch.int8 else FP8_MAX)
         # int8: half a step, up to a whole one at a row's largest weight (the grid's top code is 127, not 127.5, and
         # the scale is rounded to bfloat16); E4M3: 3 mantissa bits, half an ulp is 1/16 of the value
         bound = step if dtype == torch.int8 else W0.abs() / 16 + step * 2 ** -9

@@ -69,6 +69,7 @@ def spec(**kw):
 @pytest.mark.parametrize("name, algorithm, bits, group_size, sym, label", [
     ("W8A8", "gptq", 8, -1, True, "gptq-w8a8"),
     ("FP8_DYNAMIC", "rtn", 8, -1, True, "rtn-fp8-dynamic"),
+    ("FP8", "rtn", 8, -1, True, "rtn-fp8"),
     ("W4A16", "gptq", 4, 128, True, "gptq-w4a16"),
     ("W4A16_ASYM", "gptq", 4, 128, False, "gptq-w4a16-asym"),
     ("W8A16", "gptq", 8, 128, True, "gptq-w8a16"),
@@ -100,7 +101,7 @@ def test_without_a_scheme_the_recipe_is_as_before():
     (dict(scheme="FP8_DYNAMIC", algorithm="gptq"), "GPTQ onto float weights (FP8_DYNAMIC) is not implemented"),
     (dict(scheme="FP8_DYNAMIC", algorithm="awq"), "AWQ onto float weights"),
     (dict(scheme="W8A8", algorithm="awq"), "sym: AWQ quantizes with zero points"),
-    (dict(scheme="FP8"), "scheme FP8: tensor FP8 weight scales are not implemented yet"),
+    (dict(scheme="FP8", algorithm="gptq"), "GPTQ onto float weights (FP8) is not implemented"),
     (dict(scheme="FP8_BLOCK"), "block FP8 weight scales are not implemented yet"),
     (dict(scheme="NVFP4"), "writing compressed-tensors nvfp4-pack-quantized is not implemented yet"),
     (dict(scheme="MXFP4"), "mxfp4-pack-quantized is not implemented yet"),

@@ -55,21 +55,36 @@ class Server:
         home.mkdir(parents=True, exist_ok=True)
         tokens_args = () if own_tokens else ("--tokens", str(tokens or tokens_file(home)))
         self.home = home
-        self.port = _port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(home / "serve.log", "a")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--home", str(home), "--db", db, "--port", str(self.port),
-             "--workers", str(workers), "--lease", str(lease), *tokens_args, *args],
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1", **(env or {})})
-        self.http = httpx.Client(base_url=self.url, timeout=60)
+        self._argv = lambda port: [sys.executable, "-m", "service.cli", "serve", "--home", str(home), "--db", db,
+                                   "--port", str(port), "--workers", str(workers), "--lease", str(lease),
+                                   *tokens_args, *args]
+        self._env = {**os.environ, "OMP_NUM_THREADS": "2", "HF_HUB_OFFLINE": "1", **(env or {})}
+        self._start()
         if wait:
             self.wait_healthy()
 
-    def wait_healthy(self, timeout: float = 90):
+    def _start(self):
+        """serve on a port free a moment ago (another process may take it before serve binds: wait_healthy
+        then starts it again on another)."""
+        self.port = _port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._log_from = self.log.tell()
+        self.proc = subprocess.Popen(self._argv(self.port), stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True, env=self._env)
+        self.http = httpx.Client(base_url=self.url, timeout=60)
+
+    def wait_healthy(self, timeout: float = 90, rebinds: int = 3):
         deadline = time.time() + timeout
         while time.time() < deadline:
+            if self.proc.poll() is not None and rebinds:
+                self.log.flush()
+                with open(self.home / "serve.log") as f:
+                    f.seek(self._log_from)
+                    if "address already in use" in f.read():      # lost the port race: not what is tested
+                        rebinds -= 1
+                        self._start()
+                        continue
             assert self.proc.poll() is None, (self.home / "serve.log").read_text()[-3000:]
             try:
                 if self.http.get("/healthz").status_code == 200:

@@ -32,9 +32,9 @@ class CompressedTensors(Format):
         p = q.preset
         out = [] if p.layout in LAYOUTS else [f"scheme {q.named}: writing compressed-tensors {p.layout} is not "
                                               "implemented yet"]
-        if p.weights.type == "float" and p.weights.strategy != "channel":
+        if p.weights.type == "float" and p.weights.strategy not in ("channel", "tensor"):
             out.append(f"scheme {q.named}: {p.weights.strategy} FP8 weight scales are not implemented yet; "
-                       "FP8_DYNAMIC (per channel) is")
+                       "FP8_DYNAMIC (per channel) and FP8 (per tensor) are")
         why = activation_problem(p.activations)
         return out + ([f"scheme {q.named}: {why}"] if why else [])
 
@@ -48,7 +48,11 @@ class CompressedTensors(Format):
         return PACKED.encode(qw, storage)
 
     def writer(self, qc: dict):
-        return self._layout(qc).encode
+        encode, per_tensor = self._layout(qc).encode, self._group(qc)["weights"].get("strategy") == "tensor"
+        return lambda qw, storage: encode(qw, storage, per_tensor)
+
+    def needs_calibration(self, s, algorithm_needs_data: bool) -> bool:
+        return algorithm_needs_data or s.weight_scheme().static_inputs
 
     def unpack(self, t: dict[str, torch.Tensor], bits: int, group_size: int, sym: bool) -> QuantizedWeight:
         return PACKED.decode(t, bits, group_size, sym)
@@ -56,7 +60,7 @@ class CompressedTensors(Format):
     def config(self, q: Scheme, algorithm: dict, meta: dict) -> tuple[dict, dict[str, dict]]:
         layout = layout_of(q).name
         weights = {"num_bits": q.bits, "type": q.weight_type, "symmetric": q.sym,
-                   "strategy": "channel" if q.group_size == -1 else "group",
+                   "strategy": "tensor" if q.per_tensor else "channel" if q.group_size == -1 else "group",
                    "group_size": None if q.group_size == -1 else q.group_size,
                    "actorder": "static" if q.act_order == ActOrder.STATIC else None, "dynamic": False,
                    "observer": "minmax"}
@@ -84,7 +88,7 @@ class CompressedTensors(Format):
     def scheme_of(self, qc: dict) -> tuple[Scheme, str]:
         g = self._group(qc)
         w = g["weights"]
-        gs = -1 if w.get("strategy") == "channel" else w["group_size"]
+        gs = -1 if w.get("strategy") in ("channel", "tensor") else w["group_size"]
         act = ActOrder.STATIC if w.get("actorder") else ActOrder.NONE
         name = None if qc["format"] == PACKED.name else \
             named(Quant.of_args(w), Quant.of_args(g.get("input_activations")), qc["format"])
@@ -93,8 +97,9 @@ class CompressedTensors(Format):
 
     def reader(self, qc: dict):
         layout, w = self._layout(qc), self._group(qc)["weights"]
-        gs = -1 if w.get("strategy") == "channel" else w["group_size"]
-        return layout.names(w["symmetric"]), lambda t: layout.decode(t, w["num_bits"], gs, w["symmetric"])
+        gs = -1 if w.get("strategy") in ("channel", "tensor") else w["group_size"]
+        return (layout.names(w["symmetric"]) + layout.optional(),
+                lambda t: layout.decode(t, w["num_bits"], gs, w["symmetric"]))
 
     def marker_of(self, qc: dict) -> str:
         return self._layout(qc).marker

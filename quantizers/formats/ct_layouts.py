@@ -27,9 +27,15 @@ class Layout:
                             "use --act-order static, which compressed-tensors stores without a g_idx")
 
     def names(self, sym: bool) -> tuple[str, ...]:
+        """The tensors one Linear must have."""
         raise NotImplementedError
 
-    def encode(self, qw: QuantizedWeight, storage: torch.dtype) -> dict[str, torch.Tensor]:
+    def optional(self) -> tuple[str, ...]:
+        """The tensors one Linear may have besides (a static input scale)."""
+        return ()
+
+    def encode(self, qw: QuantizedWeight, storage: torch.dtype, per_tensor: bool = False) -> dict[str, torch.Tensor]:
+        """One Linear's tensors; `per_tensor`: the config declares one weight scale per matrix."""
         raise NotImplementedError
 
     def decode(self, t: dict[str, torch.Tensor], bits: int, group_size: int, sym: bool) -> QuantizedWeight:
@@ -62,7 +68,7 @@ class PackQuantized(Layout):
         base = ("weight_packed", "weight_scale", "weight_shape")
         return base if sym else base + ("weight_zero_point",)
 
-    def encode(self, qw, storage):
+    def encode(self, qw, storage, per_tensor=False):
         out_f, in_f = qw.codes.shape
         natural = torch.equal(qw.g_idx.cpu(), group_index(in_f, qw.group_size))
         self.check(Scheme(qw.bits, qw.group_size, qw.sym, "none" if natural else "dynamic"), in_f, out_f)
@@ -118,18 +124,28 @@ class _Unpacked(Layout):
     def names(self, sym):
         return ("weight", "weight_scale")
 
-    def encode(self, qw, storage):
-        return {"weight": self.stored(qw).contiguous(), "weight_scale": qw.scales.t().to(storage).contiguous()}
+    def optional(self):
+        return ("input_scale",)
+
+    def encode(self, qw, storage, per_tensor=False):
+        scale = qw.scales[:1, :1].reshape(1) if per_tensor else qw.scales.t()
+        t = {"weight": self.stored(qw).contiguous(), "weight_scale": scale.to(storage).contiguous()}
+        if qw.input_scale is not None:                   # static inputs: the scale calibration fixed, [1]
+            t["input_scale"] = qw.input_scale.reshape(1).to(storage).contiguous()
+        return t
 
     def decode(self, t, bits, group_size, sym):
         self._missing(t, sym)
         w = t["weight"]
         if w.dtype != self.dtype:
             raise ArtifactError(f"compressed-tensors {self.name} weight is {w.dtype}, not {self.dtype}")
-        scales = t["weight_scale"].float().t().contiguous()
+        ws = t["weight_scale"].float()
+        scales = ws.reshape(1, 1).expand(1, w.shape[0]).contiguous() if ws.numel() == 1 else ws.t().contiguous()
         codes, zero = self.codes(w)
         zeros = torch.full(scales.shape, zero, dtype=torch.int32)
-        return QuantizedWeight(codes, scales, zeros, group_index(w.shape[1], group_size), bits, group_size, sym)
+        inputs = t["input_scale"].float().reshape(1) if "input_scale" in t else None
+        return QuantizedWeight(codes, scales, zeros, group_index(w.shape[1], group_size), bits, group_size, sym,
+                               inputs)
 
     def shape(self, key, entry):
         if key.endswith(".weight") and entry["dtype"] == self.safetensors_dtype and len(entry["shape"]) == 2:
@@ -144,6 +160,10 @@ INT8_CPU_KERNEL = "CPUInt8ScaledMMLinearKernel"            # oneDNN int8 GEMM, a
 FP8_GPU_WEIGHT_ONLY = "CompressedTensorsW8A16Fp8"          # below sm89: FP8 weights through Marlin, 16-bit inputs
 FP8_GPU_KERNEL = "CutlassFP8ScaledMMLinearKernel"          # sm89 and newer (Ada, Hopper, Blackwell): W8A8 FP8
 FP8_CPU_KERNEL = "ChannelWiseTorchFP8ScaledMMLinearKernel"  # torch's FP8 scaled-mm (AMX-FP8 CPUs have their own)
+FP8_STATIC_CPU_REFUSAL = ("static_scaled_fp8_quant", "vLLM CPU's build has no static FP8 input quantization (its op "
+                          "fails at the first forward) on CPUs without AMX")
+FP8_STATIC_AMX_NOTE = ("on x86 CPUs with AMX vLLM CPU runs it as W8A16 (CPUFp8PerTensorScaledMMLinearKernel, 16-bit "
+                       "inputs, the input scale unused); quantfarm's suite checks that it loads there, not its numerics")
 INT8_MOE_REFUSAL = "No Int8 MoE backend supports the deployment configuration"
 FP8_MOE_REFUSAL = "Unsupported FP8 MoE backend"
 
@@ -191,17 +211,25 @@ class FloatQuantized(_Unpacked):
         return w, 0
 
     def runtimes(self, q, shapes, moe):
+        inputs = "with the static input scale" if q.static_inputs else "per token"
         return [Verdict("vllm", True, f"compressed-tensors FP8 with {FP8_GPU_WEIGHT_ONLY} (Marlin) on an A100 (sm80)",
                         [f"on Ada, Hopper and Blackwell (sm89 and newer) vLLM runs it W8A8 with {FP8_GPU_KERNEL}, FP8 "
-                         "activations per token; below sm89 the weights run through Marlin with 16-bit activations, "
+                         f"activations {inputs}; below sm89 the weights run through Marlin with 16-bit activations, "
                          "so the served model is slightly better than the recovery measured here"] + [MOE_NOTE] * moe,
                         kernel=FP8_GPU_WEIGHT_ONLY),
-                Verdict("vllm-cpu", True, f"compressed-tensors FP8 with {FP8_CPU_KERNEL} on CPU",
-                        ["FP8 activations per token through torch's scaled matmul (slow: for checking, not serving)"]
-                        + [cpu_moe_note(FP8_MOE_REFUSAL)] * moe, kernel=FP8_CPU_KERNEL),
+                self._cpu(q, moe),
                 Verdict("transformers", True, "compressed-tensors",
-                        ["transformers (compressed-tensors) rounds the inputs to FP8 per token as vLLM does"]
+                        ["transformers (compressed-tensors) rounds the inputs to FP8 as vLLM does"]
                         + [TF_MOE_NOTE] * moe)]
+
+    def _cpu(self, q, moe) -> Verdict:
+        if q.static_inputs:
+            v = vllm.refused("vllm-cpu", FP8_STATIC_CPU_REFUSAL)
+            v.notes.append(FP8_STATIC_AMX_NOTE)
+            return v
+        return Verdict("vllm-cpu", True, f"compressed-tensors FP8 with {FP8_CPU_KERNEL} on CPU",
+                       ["FP8 activations per token through torch's scaled matmul (slow: for checking, not serving)"]
+                       + [cpu_moe_note(FP8_MOE_REFUSAL)] * moe, kernel=FP8_CPU_KERNEL)
 
 
 LAYOUTS = {cls.name: cls() for cls in (PackQuantized, IntQuantized, FloatQuantized)}
