@@ -108,3 +108,17 @@ def test_a_named_scheme_through_the_pipeline(tiny_dir, tmp_path, scheme):
     assert report["settings"]["scheme"] == scheme and r.perplexity["quantized"] > 0
     card = (tmp_path / "art" / "README.md").read_text()
     assert f"compressed-tensors {scheme}: weights" in card and "made for" in card
+
+
+def test_an_already_quantized_source_is_refused_before_its_weights_load(tiny_dir, tmp_path, monkeypatch):
+    """A source whose config declares a quantization_config (here our own FP8 artifact) is refused from the config,
+    with what it is, before any weight is loaded."""
+    from core.errors import SpecError
+    from service.job import steps
+    art = tmp_path / "fp8"
+    pipeline.run(JobSpec(model=tiny_dir, scheme="FP8_DYNAMIC", evaluation={"text": "model", "windows": 1,
+                                                                            "window_len": 32}), art, device="cpu")
+    monkeypatch.setattr(steps, "load_model", lambda *a, **k: pytest.fail("weights were loaded"))
+    with pytest.raises(SpecError, match=r"already quantized \(compressed-tensors float-quantized"):
+        pipeline.run(spec(str(art)), tmp_path / "again", device="cpu")
+    assert not (tmp_path / "again").exists()
